@@ -1,0 +1,138 @@
+"""The `rlhfkit` command: one subcommand per stage and tool.
+
+Every stage flag is a config field (see rlhfkit.config). User mistakes (bad flags, values, files, data rows) print one
+line and exit with code 2, before any model is loaded; a training run that cannot go on exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhfkit.config import ConfigError, parse_config
+from rlhfkit.data.readers import DataError
+
+USAGE = """usage: rlhfkit <command> [options]
+
+stages:
+  sft        supervised fine-tuning of a causal LM on demonstrations
+  rm         train a reward model on preference pairs
+tools:
+  eval-rm    a reward model's accuracy and example scores on preference pairs
+  data check what a data file holds and every problem in it
+
+`rlhfkit <command> --help` lists every option with its default and meaning."""
+
+
+def _sft(argv: list[str]) -> int:
+    from rlhfkit.sft.train import SFTConfig, run_sft
+
+    run_sft(parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."))
+    return 0
+
+
+def _rm(argv: list[str]) -> int:
+    from rlhfkit.rm.train import RMConfig, run_rm
+
+    run_rm(parse_config(RMConfig, argv, "rlhfkit rm", "Reward-model training on preference pairs (stage 2)."))
+    return 0
+
+
+def _eval_rm(argv: list[str]) -> int:
+    from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
+
+    run_eval_rm(parse_config(EvalRMConfig, argv, "rlhfkit eval-rm", "Evaluate a reward model on preference pairs."))
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhfkit data", description="Data tools.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    check = sub.add_parser("check", help="report formats, counts, lengths and every problem in data files")
+    check.add_argument("paths", nargs="+", help="files or folders")
+    check.add_argument("--kind", required=True, choices=("sft", "preference", "prompt", "text"))
+    check.add_argument("--tokenizer", default="", help="tokenizer (model folder) for token lengths; words otherwise")
+    check.add_argument("--template", default="auto", help="chat template, as in training")
+    check.add_argument("--max-len", type=int, default=512, help="count the rows this max_len would cut or drop")
+    args = parser.parse_args(argv)
+    return data_check(args.paths, args.kind, args.tokenizer, args.template, args.max_len)
+
+
+def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, max_len: int) -> int:
+    """Print each file's report; exit code 1 when any row has a problem."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhfkit.data.check import check_file, percentiles
+    from rlhfkit.data.templates import resolve_template
+
+    tokenizer = None
+    if tokenizer_path:
+        from rlhfkit.models import load_tokenizer
+        from rlhfkit.training.common import setup_logging
+
+        setup_logging()
+        tokenizer = load_tokenizer(tokenizer_path)
+        template = resolve_template(template, tokenizer)
+    elif template == "auto":
+        template = "human-assistant"
+    console = Console()
+    problems = 0
+    for path in paths:
+        report = check_file(path, kind, tokenizer=tokenizer, template=template, max_len=max_len)
+        formats = ", ".join(f"{name} ({count})" for name, count in report.formats.most_common()) or "none"
+        console.print(f"[bold]{report.path}[/bold] as {kind}: {report.rows} rows, {report.examples} examples, "
+                      f"{len(report.problems)} with problems; format: {formats}")
+        table = Table(title=f"lengths in {report.unit}")
+        table.add_column("part")
+        for point in ("p50", "p90", "p99", "max"):
+            table.add_column(point, justify="right")
+        for part, values in report.lengths.items():
+            if any(values):
+                stats = percentiles(values)
+                table.add_row(part, *(str(stats[p]) for p in ("p50", "p90", "p99", "max")))
+        console.print(table)
+        if report.encode is not None:
+            console.print(f"at max_len {max_len}: {report.encode.truncated} would be truncated from the prompt "
+                          f"side, {report.encode.dropped} dropped")
+        for problem in report.problems:
+            console.print(f"  [red]problem[/red] {problem}", markup=True, highlight=False)
+        problems += len(report.problems)
+    return 1 if problems else 0
+
+
+COMMANDS = {"sft": _sft, "rm": _rm, "eval-rm": _eval_rm, "data": _data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"rlhfkit: error: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except (ConfigError, DataError) as exc:
+        print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhfkit {command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from rlhfkit.training.loop import TrainingError
+
+        if isinstance(exc, TrainingError):
+            print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Batch order as a pure function of (seed, step), and right-padded tensors for training.
+
+The stream of example indices is an endless run of seeded permutations (one per epoch); optimizer step `s` takes items
+`s*B .. s*B+B-1` of it. So the data position of a run is its step number alone: resuming needs no sampler state, and
+any split of a step's indices (micro-batches, ranks) sees the same global batch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def step_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices into a dataset of `n` items for optimizer step `step` (0-based)."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        out.append(_permutation(n, seed, epoch)[offset])
+    return out
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, masks: list[list[bool]] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask (and loss_mask when masks are given), each (B, T) with T the longest sequence."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if masks is not None:
+        loss_mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
+        for i, m in enumerate(masks):
+            loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        batch["loss_mask"] = loss_mask
+    return batch

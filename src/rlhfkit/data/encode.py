@@ -1,0 +1,120 @@
+"""Token ids and loss masks for examples, with prompt-side truncation to `max_len`.
+
+Truncation rule (the same for SFT and preference rows): a sequence longer than `max_len` loses tokens from the start
+of its prompt (after BOS); if even the last response (with its EOS) does not fit beside one prompt token, the row is
+dropped. Plain text (`text` kind) is instead cut at the end, as pretraining data is. Both are counted in
+`EncodeStats` and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhfkit.data.formats import Conversation, PreferencePair, PromptExample
+from rlhfkit.data.templates import Segment, render
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[bool]  # True where the token is trained (response tokens and their EOS)
+    response_start: int  # index of the first token of the last response
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def describe(self) -> str:
+        return f"{self.rows} rows, {self.truncated} truncated from the prompt side, {self.dropped} dropped " \
+               f"(response longer than max_len)"
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer itself adds one to plain text (Llama does, GPT-2 does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def tokenize_segments(segments: list[Segment], tokenizer, *, train_all: bool = False) -> Encoded:
+    """Concatenate the segments' tokens; mask = trainable segments (and their EOS), or all but BOS with `train_all`."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    response_start = 0
+    for seg in segments:
+        piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"] if seg.text else []
+        if seg.eos and tokenizer.eos_token_id not in piece:
+            piece = piece + [tokenizer.eos_token_id]
+        if seg.trainable:
+            response_start = len(ids)
+        ids += piece
+        mask += [seg.trainable or train_all] * len(piece)
+    bos = bos_ids(tokenizer)
+    if bos and ids[:1] != bos:
+        ids, mask, response_start = bos + ids, [False] + mask, response_start + 1
+    return Encoded(ids, mask, response_start)
+
+
+def truncate(enc: Encoded, max_len: int, *, keep_start: int) -> tuple[Encoded | None, bool]:
+    """(sequence cut to `max_len` by dropping prompt tokens after the first `keep_start` (BOS), was it cut).
+
+    The sequence is None when the response does not fit beside one prompt token.
+    """
+    excess = len(enc.input_ids) - max_len
+    if excess <= 0:
+        return enc, False
+    room = max(enc.response_start - keep_start - 1, 0)  # one prompt token stays so the response has a context
+    if excess > room:
+        return None, False
+    cut = slice(keep_start, keep_start + excess)
+    ids = enc.input_ids[: cut.start] + enc.input_ids[cut.stop:]
+    mask = enc.loss_mask[: cut.start] + enc.loss_mask[cut.stop:]
+    return Encoded(ids, mask, enc.response_start - excess), True
+
+
+def encode_conversation(conv: Conversation, tokenizer, template: str, max_len: int, stats: EncodeStats,
+                        *, train_all: bool = False) -> Encoded | None:
+    enc = tokenize_segments(render(conv.messages, template, tokenizer, raw=conv.raw), tokenizer, train_all=train_all)
+    stats.rows += 1
+    if conv.format == "text":
+        if len(enc.input_ids) > max_len:
+            stats.truncated += 1
+            return Encoded(enc.input_ids[:max_len], enc.loss_mask[:max_len], enc.response_start)
+        return enc
+    out, was_cut = truncate(enc, max_len, keep_start=len(bos_ids(tokenizer)))
+    stats.truncated += was_cut
+    stats.dropped += out is None
+    return out
+
+
+def encode_pair(pair: PreferencePair, tokenizer, template: str, max_len: int, stats: EncodeStats
+                ) -> tuple[Encoded, Encoded] | None:
+    """(chosen, rejected), each prompt + response + EOS; None when either response cannot fit."""
+    keep = len(bos_ids(tokenizer))
+    results = [truncate(tokenize_segments(render(pair.prompt + response, template, tokenizer, raw=pair.raw),
+                                          tokenizer), max_len, keep_start=keep)
+               for response in (pair.chosen, pair.rejected)]
+    stats.rows += 1
+    (chosen, chosen_cut), (rejected, rejected_cut) = results
+    if chosen is None or rejected is None:
+        stats.dropped += 1
+        return None
+    stats.truncated += chosen_cut or rejected_cut
+    return chosen, rejected
+
+
+def encode_prompt(example: PromptExample, tokenizer, template: str, max_prompt_len: int, stats: EncodeStats
+                  ) -> list[int]:
+    """Prompt ids ending with the assistant header, cut from the left (after BOS) to `max_prompt_len`."""
+    segs = render(example.prompt, template, tokenizer, raw=example.raw, generation_prompt=True)
+    ids = tokenize_segments(segs, tokenizer).input_ids
+    stats.rows += 1
+    if len(ids) > max_prompt_len:
+        stats.truncated += 1
+        keep = len(bos_ids(tokenizer))
+        ids = ids[:keep] + ids[len(ids) - (max_prompt_len - keep):]
+    return ids

@@ -1,0 +1,149 @@
+"""Load tokenizers and models (any Hugging Face causal LM, local or hub), add LoRA, save in Hugging Face format.
+
+Policies are `AutoModelForCausalLM`; reward models and critics are `AutoModelForSequenceClassification` with one label,
+so any Hugging Face reward model loads as is and every model rlhfkit writes loads back with plain transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+PAD_TOKEN = "<|pad|>"
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer with a pad token distinct from EOS (one is added when missing or shared)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token; every response must end with one")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _fit_vocab(model, tokenizer, seed: int) -> None:
+    """Grow the embeddings for added tokens; the new rows are random, so draw them from `seed` (resume rebuilds them)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _finish(model, gradient_checkpointing: bool):
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(path: str, tokenizer, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                   seed: int = 0):
+    """A causal LM in float32 (bf16 runs as autocast on top of fp32 master weights)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    _fit_vocab(model, tokenizer, seed)
+    return _finish(model, gradient_checkpointing)
+
+
+def load_sequence_classifier(path: str, tokenizer, *, attn_implementation: str = "sdpa",
+                             gradient_checkpointing: bool = False, seed: int = 0):
+    """A one-label sequence classifier. From a causal LM (an SFT model) the score head is new: std 1/sqrt(hidden+1)."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation, output_loading_info=True)
+    head = score_head(model)
+    if any(key.split(".")[0] == head_name(model) for key in info["missing_keys"]):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(model.config.hidden_size + 1))
+            if head.bias is not None:
+                torch.nn.init.zeros_(head.bias)
+    _fit_vocab(model, tokenizer, seed)
+    return _finish(model, gradient_checkpointing)
+
+
+def head_name(model) -> str:
+    """The attribute that holds a sequence classifier's head (`score` for Llama, GPT-2, OPT and most others)."""
+    for name in ("score", "classifier", "v_head"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__}: cannot find the score head")
+
+
+def score_head(model) -> torch.nn.Linear:
+    return getattr(model, head_name(model))
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str], task: str):
+    """Wrap with a peft LoRA adapter; task "CAUSAL_LM" or "SEQ_CLS" (whose score head stays trainable and saved)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules in (["all-linear"], ["all"]) else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
+    peft_model = get_peft_model(model, config)
+    if task == "SEQ_CLS":  # make sure the head trains even for architectures peft does not know
+        for name, param in peft_model.named_parameters():
+            if f".{head_name(model)}." in f".{name}" and "modules_to_save" in name:
+                param.requires_grad_(True)
+    return peft_model
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that training changes, by name: what a checkpoint must hold to resume."""
+    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True, reward_stats: dict | None = None
+               ) -> Path:
+    """Write `out_dir` in Hugging Face format with the tokenizer; a LoRA model is merged or written as an adapter."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model) and merge_lora:
+        # merge_and_unload changes the model in place; merge a copy so training objects stay valid.
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    if reward_stats is not None:
+        target = model.base_model.model if is_peft(model) else model
+        target.config.rlhfkit_reward_mean = reward_stats["mean"]
+        target.config.rlhfkit_reward_std = reward_stats["std"]
+        (out_dir / REWARD_STATS_FILE).write_text(json.dumps(reward_stats, indent=2))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_reward_stats(path: str | Path) -> dict | None:
+    """The score mean/std that `rlhfkit rm` stored beside a reward model (None for other models)."""
+    file = Path(path) / REWARD_STATS_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def autocast(dtype: str, device: torch.device | str = "cpu"):
+    """bf16 mixed precision when asked (fp32 master weights); a no-op context for float32."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -1,0 +1,230 @@
+"""What SFT and reward-model training share: the config fields, the run set-up, optimizer and schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import ConfigError, option, require, write_config
+from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval
+from rlhfkit.training.checkpoint import latest_checkpoint
+
+log = logging.getLogger("rlhfkit")
+
+
+@dataclass
+class CommonConfig:
+    # model
+    model: str = option("", "model to start from: a local folder or a Hugging Face hub id", group="model")
+    template: str = option("auto", "chat template: auto (the tokenizer's, else human-assistant), tokenizer, "
+                                   "human-assistant, alpaca or chatml", group="model",
+                           choices=("auto", "tokenizer", "human-assistant", "alpaca", "chatml"))
+    max_len: int = option(512, "longest sequence in tokens; longer rows lose prompt tokens from the left",
+                          group="model")
+    dtype: str = option("float32", "compute dtype: bfloat16 runs autocast over float32 master weights",
+                        group="model", choices=("float32", "bfloat16"))
+    attn_implementation: str = option("sdpa", "attention kernel passed to transformers (sdpa, eager, "
+                                              "flash_attention_2, ...)", group="model")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory",
+                                          group="model")
+    # LoRA
+    lora_r: int = option(0, "LoRA rank; 0 trains every weight", group="lora")
+    lora_alpha: float = option(16.0, "LoRA scaling alpha", group="lora")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input", group="lora")
+    lora_target_modules: list[str] = option(["all-linear"], "modules that get adapters (all-linear = every "
+                                                            "linear layer but the output head)", group="lora")
+    lora_merge: bool = option(True, "merge the adapter into the base when saving the final model (false: save "
+                                    "the adapter alone)", group="lora")
+    # data
+    data: list[str] = option([], "training data: files, folders or hub names, each optionally PATH:WEIGHT "
+                                 "(weight 2 = every row twice, 0.5 = a fixed half)", group="data")
+    eval_data: list[str] = option([], "held-out data; when empty, eval_split of the training data is held out",
+                                  group="data")
+    eval_split: float = option(0.05, "fraction of the training rows held out for evaluation", group="data")
+    skip_invalid: bool = option(False, "skip bad rows (counted, written to OUTPUT/skipped_rows.jsonl) instead "
+                                       "of stopping", group="data")
+    # training
+    output: str = option("", "output folder: checkpoints, metrics, final model", group="training")
+    max_steps: int = option(0, "optimizer steps; 0 = as many as `epochs` needs", group="training")
+    epochs: float = option(1.0, "passes over the training data when max_steps is 0", group="training")
+    batch_size: int = option(8, "examples per optimizer step (the global batch)", group="training")
+    micro_batch_size: int = option(0, "examples per forward pass (gradient accumulation); 0 = batch_size",
+                                   group="training")
+    lr: float = option(1e-5, "peak learning rate (AdamW)", group="training")
+    weight_decay: float = option(0.0, "AdamW weight decay (not on biases and norms)", group="training")
+    lr_schedule: str = option("cosine", "decay after warmup", group="training",
+                              choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", group="training")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 = no clipping", group="training")
+    seed: int = option(42, "seed for data order, initialisation and sampling", group="training")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)", group="training")
+    save_every: int = option(100, "write a checkpoint every N steps (0 = never)", group="training")
+    keep_last: int = option(2, "checkpoints kept on disk", group="training")
+    resume: str = option("", "continue from a checkpoint: bare --resume = the latest in OUTPUT, or a "
+                             "checkpoint folder", group="training")
+    max_bad_steps: int = option(5, "stop after this many non-finite losses in a row (each is skipped)",
+                                group="training")
+    log_every: int = option(1, "log metrics every N steps", group="training")
+    wandb_project: str = option("", "also log to this Weights & Biases project (needs wandb installed)",
+                                group="training")
+
+    def check(self) -> None:
+        require(bool(self.model), "model: required (a local folder or a hub id)")
+        require(bool(self.data), "data: required (one or more files or folders)")
+        require(bool(self.output), "output: required (a folder for checkpoints and the final model)")
+        for spec in self.data + self.eval_data:
+            problem = check_spec_exists(spec)
+            require(problem is None, f"data: {problem}")
+        local = Path(self.model)
+        require(local.exists() or (self.model.count("/") <= 1 and not self.model.startswith((".", "/"))),
+                f"model: {self.model} does not exist")
+        require(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0, got {self.lr}")
+        require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        require(self.micro_batch_size >= 0, f"micro_batch_size: must be >= 0, got {self.micro_batch_size}")
+        micro = self.micro_batch_size or self.batch_size
+        require(self.batch_size % micro == 0,
+                f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
+        require(self.max_len >= 8, f"max_len: must be >= 8, got {self.max_len}")
+        require(self.max_steps >= 0, f"max_steps: must be >= 0, got {self.max_steps}")
+        require(self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
+        require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
+        require(self.lora_r >= 0, f"lora_r: must be >= 0, got {self.lora_r}")
+        require(0 <= self.lora_dropout < 1, f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        require(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        for name in ("eval_every", "save_every", "log_every"):
+            require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
+        require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
+        require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def start_run(config: CommonConfig) -> tuple[Path, Path | None]:
+    """Create the output folder, write the resolved config, seed everything; return (output, checkpoint to resume)."""
+    out = Path(config.output)
+    resume_from = None
+    if config.resume:
+        resume_from = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
+        if resume_from is None:
+            log.info(f"--resume: no checkpoint in {out}/checkpoints yet, starting from the beginning")
+        elif not resume_from.is_dir():
+            raise ConfigError(f"resume: {resume_from} is not a checkpoint folder")
+    elif latest_checkpoint(out) is not None:
+        raise ConfigError(f"output: {out} already holds checkpoints; pass --resume to continue that run, "
+                          "or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(config, out / "config.yaml")
+    seed_everything(config.seed)
+    return out, resume_from
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def load_train_eval(config: CommonConfig, kind: str, out: Path) -> tuple[list, list]:
+    """Training and held-out examples of `kind`, with a report of what was read, skipped and held out."""
+    skipped = out / "skipped_rows.jsonl"
+    train = load_examples(config.data, kind, skip_invalid=config.skip_invalid, seed=config.seed,
+                          skipped_file=skipped)
+    problems = list(train.problems)
+    if config.eval_data:
+        held = load_examples(config.eval_data, kind, skip_invalid=config.skip_invalid, seed=config.seed)
+        problems += held.problems
+        train_examples, eval_examples = train.examples, held.examples
+    else:
+        train_examples, eval_examples = split_eval(train.examples, config.eval_split, config.seed)
+    for r in train.reports:
+        formats = ", ".join(f"{k} x{v}" for k, v in r.formats.items()) or "none"
+        log.info(f"data {r.path}: {r.rows} rows ({formats}), {r.invalid} invalid, {r.used} used (weight {r.weight:g})")
+    if problems:
+        log.warning(f"skipped {len(problems)} invalid rows; reasons in {skipped}")
+    log.info(f"data: {len(train_examples)} training examples, {len(eval_examples)} held out")
+    if not train_examples:
+        raise ConfigError("data: no valid training examples")
+    return train_examples, eval_examples
+
+
+def total_steps(config: CommonConfig, n_train: int) -> int:
+    return config.max_steps or max(1, math.ceil(config.epochs * n_train / config.batch_size))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
+
+
+def with_lora(model, config: CommonConfig, task: str):
+    """The model with a LoRA adapter when lora_r > 0 (task CAUSAL_LM or SEQ_CLS), else unchanged."""
+    if config.lora_r <= 0:
+        return model
+    from rlhfkit.models import add_lora
+
+    return add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    target_modules=config.lora_target_modules, task=task)
+
+
+def resume_training(model, optimizer, scheduler, resume_from: Path | None) -> int:
+    """Load a checkpoint's weights, optimizer, schedule and RNG states into place; return the step to start from."""
+    if resume_from is None:
+        return 0
+    from rlhfkit.models import load_trainable_state
+    from rlhfkit.training.checkpoint import load_checkpoint
+
+    weights, state = load_checkpoint(resume_from, optimizers={"model": optimizer}, schedulers={"model": scheduler})
+    load_trainable_state(model, weights["model"])
+    log.info(f"resumed from {resume_from} at step {state['step']}")
+    return int(state["step"])
+
+
+def checkpoint_saver(out: Path, model, optimizer, scheduler, keep_last: int):
+    """save(step): an atomic checkpoint of everything needed to continue exactly from `step`."""
+    from rlhfkit.models import trainable_state
+    from rlhfkit.training.checkpoint import save_checkpoint
+
+    def save(step: int) -> Path:
+        return save_checkpoint(out, step, weights={"model": trainable_state(model)}, optimizers={"model": optimizer},
+                               schedulers={"model": scheduler}, state={}, keep_last=keep_last)
+
+    return save

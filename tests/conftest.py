@@ -1,0 +1,81 @@
+"""Shared fixtures: a tokenizer trained here in a second and tiny Llama, GPT-2 and OPT models (no hub)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.tiny import make_tiny_model, train_tokenizer
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
+
+
+def corpus() -> list[str]:
+    """Text that covers the templates and the synthetic tasks, so the tokenizer splits them into few tokens."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(300):
+        c, n = rng.choice(COLORS), rng.randint(1, 9)
+        lines.append(f"\n\nHuman: What color is item {n}?\n\nAssistant: Item {n} is {c}.")
+        lines.append(f"### Instruction:\nName the color of item {n}.\n\n### Response:\nIt is {c}.")
+        lines.append(f"<|im_start|>user\nsay {c}<|im_end|>\n<|im_start|>assistant\n{c} is nice<|im_end|>\n")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus(), out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from rlhfkit.models import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """{"llama": dir, "gpt2": dir, "opt": dir}: tiny random models saved with the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(arch, tok, root / arch, hidden=32, layers=2, heads=4) for arch in
+            ("llama", "gpt2", "opt")}
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip("../shared/datasets is not present beside the checkout")
+    return SHARED_DATASETS
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def color_sft_rows(n: int = 64, seed: int = 0) -> list[dict]:
+    """A memorisable instruction task: each item number has one fixed color."""
+    rng = random.Random(seed)
+    return [{"instruction": f"What color is item {k}?", "input": "", "output": f"Item {k} is {COLORS[k % 6]}."}
+            for k in (rng.randint(1, 9) for _ in range(n))]
+
+
+def color_preference_rows(n: int = 96, seed: int = 0) -> list[dict]:
+    """An easy preference task: the chosen reply names a color, the rejected one is a curt refusal."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        c, k = rng.choice(COLORS), rng.randint(1, 9)
+        rows.append({"prompt": f"\n\nHuman: What color is item {k}?\n\nAssistant:",
+                     "chosen": f" Item {k} is {c}.", "rejected": " No."})
+    return rows
