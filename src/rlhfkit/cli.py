@@ -76,13 +76,13 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
         template = resolve_template(template, tokenizer)
     elif template == "auto":
         template = "human-assistant"
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     problems = 0
     for path in paths:
         report = check_file(path, kind, tokenizer=tokenizer, template=template, max_len=max_len)
         formats = ", ".join(f"{name} ({count})" for name, count in report.formats.most_common()) or "none"
-        console.print(f"[bold]{report.path}[/bold] as {kind}: {report.rows} rows, {report.examples} examples, "
-                      f"{len(report.problems)} with problems; format: {formats}")
+        print(f"{report.path} as {kind}: {report.rows} rows, {report.examples} examples, "
+              f"{len(report.problems)} with problems; format: {formats}")
         table = Table(title=f"lengths in {report.unit}")
         table.add_column("part")
         for point in ("p50", "p90", "p99", "max"):
@@ -93,10 +93,10 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
                 table.add_row(part, *(str(stats[p]) for p in ("p50", "p90", "p99", "max")))
         console.print(table)
         if report.encode is not None:
-            console.print(f"at max_len {max_len}: {report.encode.truncated} would be truncated from the prompt "
-                          f"side, {report.encode.dropped} dropped")
-        for problem in report.problems:
-            console.print(f"  [red]problem[/red] {problem}", markup=True, highlight=False)
+            print(f"at max_len {max_len}: {report.encode.truncated} would be truncated from the prompt side, "
+                  f"{report.encode.dropped} dropped")
+        for problem in report.problems:  # plain print: user text must not be read as markup or wrapped
+            print(f"  problem {problem}")
         problems += len(report.problems)
     return 1 if problems else 0
 

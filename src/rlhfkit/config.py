@@ -88,9 +88,16 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (bad choice, missing value) are a one-line ConfigError, not usage text and an exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field, listed by group with its default and meaning."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False,
     )

@@ -51,16 +51,22 @@ def _finish(model, gradient_checkpointing: bool):
 def load_causal_lm(path: str, tokenizer, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                    seed: int = 0):
     """A causal LM in float32 (bf16 runs as autocast on top of fp32 master weights)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    base = adapter_base(path)
+    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
     _fit_vocab(model, tokenizer, seed)
+    if base:
+        model = _load_adapter(model, path)
     return _finish(model, gradient_checkpointing)
 
 
 def load_sequence_classifier(path: str, tokenizer, *, attn_implementation: str = "sdpa",
                              gradient_checkpointing: bool = False, seed: int = 0):
     """A one-label sequence classifier. From a causal LM (an SFT model) the score head is new: std 1/sqrt(hidden+1)."""
+    base = adapter_base(path)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation, output_loading_info=True)
+        base or path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation,
+        output_loading_info=True)
     head = score_head(model)
     if any(key.split(".")[0] == head_name(model) for key in info["missing_keys"]):
         with torch.random.fork_rng():
@@ -69,7 +75,25 @@ def load_sequence_classifier(path: str, tokenizer, *, attn_implementation: str =
             if head.bias is not None:
                 torch.nn.init.zeros_(head.bias)
     _fit_vocab(model, tokenizer, seed)
+    if base:  # the adapter's saved score head replaces the one initialised above
+        model = _load_adapter(model, path)
     return _finish(model, gradient_checkpointing)
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of an adapter-only folder (`lora_merge: false`), or None for a full model."""
+    file = Path(path) / "adapter_config.json"
+    return json.loads(file.read_text())["base_model_name_or_path"] if file.is_file() else None
+
+
+def _load_adapter(model, path: str):
+    """The base `model`, its vocabulary already grown to the tokenizer's as in training, with the adapter at `path`.
+
+    (Loading the folder directly with transformers fails when training added a pad token: the adapter holds the
+    grown embeddings, the base model's config the old vocabulary size.)"""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, path)
 
 
 def head_name(model) -> str:

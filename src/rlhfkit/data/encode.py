@@ -47,7 +47,7 @@ def tokenize_segments(segments: list[Segment], tokenizer, *, train_all: bool = F
     response_start = 0
     for seg in segments:
         piece = tokenizer(seg.text, add_special_tokens=False)["input_ids"] if seg.text else []
-        if seg.eos and tokenizer.eos_token_id not in piece:
+        if seg.eos and not _ends_with_eos(piece, tokenizer):
             piece = piece + [tokenizer.eos_token_id]
         if seg.trainable:
             response_start = len(ids)
@@ -57,6 +57,18 @@ def tokenize_segments(segments: list[Segment], tokenizer, *, train_all: bool = F
     if bos and ids[:1] != bos:
         ids, mask, response_start = bos + ids, [False] + mask, response_start + 1
     return Encoded(ids, mask, response_start)
+
+
+def _ends_with_eos(piece: list[int], tokenizer) -> bool:
+    """Whether a reply's tokens already end with EOS (a chat template wrote it; only whitespace may follow).
+
+    An EOS inside the reply (its text held the EOS string, e.g. HTML's `</s>`) does not count: one still follows it.
+    """
+    eos = tokenizer.eos_token_id
+    if eos not in piece:
+        return False
+    last = len(piece) - 1 - piece[::-1].index(eos)
+    return not tokenizer.decode(piece[last + 1:]).strip()
 
 
 def truncate(enc: Encoded, max_len: int, *, keep_start: int) -> tuple[Encoded | None, bool]:

@@ -190,13 +190,15 @@ def normalise_sft(row: dict, source: Source) -> list[Conversation]:
                 raise DataError(source, f"instances[{i}]", f"expected an object, got {type(inst).__name__}")
             inp = _string(inst, "input", source, allow_empty=True, label=f"instances[{i}].input")
             output = _string(inst, "output", source, label=f"instances[{i}].output")
-            out.append(Conversation(_instruction_messages(instruction, inp, output), False, source, "instances"))
+            out.append(Conversation(_instruction_messages(instruction, inp, output, source, f"instances[{i}].output"),
+                                    False, source, "instances"))
         return out
     if "instruction" in row:
         instruction = _string(row, "instruction", source)
         inp = _string(row, "input", source, allow_empty=True) if row.get("input") is not None else ""
         output = _string(row, "output", source)
-        return [Conversation(_instruction_messages(instruction, inp, output), False, source, "alpaca")]
+        return [Conversation(_instruction_messages(instruction, inp, output, source, "output"), False, source,
+                             "alpaca")]
     if "prompt" in row and "completion" in row:
         prompt = _string(row, "prompt", source, allow_empty=True)
         completion = strip_end_marker(_string(row, "completion", source))
@@ -210,14 +212,19 @@ def normalise_sft(row: dict, source: Source) -> list[Conversation]:
                                   "instruction+output, instruction+instances, prompt+completion or text)")
 
 
-def _instruction_messages(instruction: str, inp: str, output: str) -> list[Message]:
+def _instruction_messages(instruction: str, inp: str, output: str, source: Source, label: str) -> list[Message]:
     user = instruction if not inp.strip() else f"{instruction}\n\n{inp}"
-    return [Message("user", user), Message("assistant", strip_end_marker(output))]
+    output = strip_end_marker(output)
+    if not output.strip():
+        raise DataError(source, label, "empty response (only an end marker)")
+    return [Message("user", user), Message("assistant", output)]
 
 
 def normalise_text(row: dict, source: Source) -> list[Conversation]:
-    text = _string(row, "text", source)
-    return [Conversation([Message("assistant", strip_end_marker(text))], True, source, "text")]
+    text = strip_end_marker(_string(row, "text", source))
+    if not text.strip():
+        raise DataError(source, "text", "empty text (only an end marker)")
+    return [Conversation([Message("assistant", text)], True, source, "text")]
 
 
 def normalise_preference(row: dict, source: Source) -> list[PreferencePair]:
@@ -256,6 +263,8 @@ def normalise_prompt(row: dict, source: Source) -> list[PromptExample]:
             prompt, raw = [Message("user", _string(row, key, source))], True
         else:
             prompt, raw = _messages(row[key], source, key), False
+            if prompt[-1].role != "user":
+                raise DataError(source, key, "a prompt must end on a user turn")
         used, fmt = {key}, key
     elif "instruction" in row:
         instruction = _string(row, "instruction", source)

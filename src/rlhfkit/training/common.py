@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ConfigError, option, require, write_config
-from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval
+from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
 from rlhfkit.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger("rlhfkit")
@@ -109,9 +109,21 @@ class CommonConfig:
         return self.micro_batch_size or self.batch_size
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record (tests and tools swap it), not the one at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -154,8 +166,7 @@ def seed_everything(seed: int) -> None:
 def load_train_eval(config: CommonConfig, kind: str, out: Path) -> tuple[list, list]:
     """Training and held-out examples of `kind`, with a report of what was read, skipped and held out."""
     skipped = out / "skipped_rows.jsonl"
-    train = load_examples(config.data, kind, skip_invalid=config.skip_invalid, seed=config.seed,
-                          skipped_file=skipped)
+    train = load_examples(config.data, kind, skip_invalid=config.skip_invalid, seed=config.seed)
     problems = list(train.problems)
     if config.eval_data:
         held = load_examples(config.eval_data, kind, skip_invalid=config.skip_invalid, seed=config.seed)
@@ -167,6 +178,7 @@ def load_train_eval(config: CommonConfig, kind: str, out: Path) -> tuple[list, l
         formats = ", ".join(f"{k} x{v}" for k, v in r.formats.items()) or "none"
         log.info(f"data {r.path}: {r.rows} rows ({formats}), {r.invalid} invalid, {r.used} used (weight {r.weight:g})")
     if problems:
+        write_problems(problems, skipped)
         log.warning(f"skipped {len(problems)} invalid rows; reasons in {skipped}")
     log.info(f"data: {len(train_examples)} training examples, {len(eval_examples)} held out")
     if not train_examples:
