@@ -2,8 +2,8 @@
 
     python benchmarks/train_throughput.py [--steps 12] [--out runs/bench-train]
 
-Builds a byte-level BPE tokenizer and a Llama with hidden 256, 4 layers, 4 heads, FFN 1024 (~4.4M parameters with a
-2k vocabulary) locally, then runs `rlhfkit sft` and `rlhfkit rm` through their Python entry points on synthetic rows
+Builds a byte-level BPE tokenizer and a Llama with hidden 256, 4 layers, 4 heads, FFN 1024 (~4.4M parameters with the
+~450-token vocabulary that the synthetic word list gives) locally, then runs `rlhfkit sft` and `rlhfkit rm` through their Python entry points on synthetic rows
 of about 128 tokens, batch 16. Prints the median sequences/s and tokens/s of the training steps (the first two, which
 include warm-up, are left out), read back from each run's metrics.jsonl.
 """
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="runs/bench-train")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -69,7 +70,7 @@ def main() -> None:
     common = {"model": str(base), "max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4,
               "eval_split": 0.0, "save_every": 0, "max_len": 256}
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes:
         for stage, cls, run, data in (("sft", SFTConfig, run_sft, sft_data), ("rm", RMConfig, run_rm, pair_data)):
             run_dir = out / f"{stage}-{dtype}"
             start = time.perf_counter()

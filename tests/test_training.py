@@ -243,10 +243,12 @@ def test_lora_rm_trains_saves_and_reloads_head(merge, tiny_models, data, tmp_pat
         plain = PeftModel.from_pretrained(plain, final).eval()
         torch.testing.assert_close(torch.cat(score_pairs(plain, pairs, pad, 8, "float32")), before,
                                    atol=1e-6, rtol=0)
-        # rlhfkit's own loader (used by eval-rm) reads the adapter folder too.
+        # rlhfkit's own loader (used by eval-rm and the next stage) reads the adapter folder and merges it into a
+        # plain model: float32 rounding of W + BA only, as in the merged case above.
         ours = load_sequence_classifier(str(final), tokenizer).eval()
+        assert not hasattr(ours, "peft_config")
         torch.testing.assert_close(torch.cat(score_pairs(ours, pairs, pad, 8, "float32")), before,
-                                   atol=1e-6, rtol=0)
+                                   atol=1e-5, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- score head init
@@ -496,3 +498,26 @@ def test_gradient_accumulation_matches_one_big_batch(stage, tiny_models, data, t
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ adapter output as next input
+def test_adapter_only_output_starts_the_next_stage_as_a_plain_trainable_model(tmp_path, tiny_models):
+    """A `lora_merge: false` SFT output given as --model loads merged: full fine-tuning trains every weight of it."""
+    data = write_jsonl(tmp_path / "sft.jsonl", color_sft_rows(16))
+    first = run_sft(make_config(SFTConfig, {"model": str(tiny_models["llama"]), "data": [str(data)],
+                                            "output": str(tmp_path / "lora"), "max_steps": 2, "batch_size": 8,
+                                            "lr": 1e-2, "lora_r": 4, "lora_merge": False, "eval_split": 0.0}))
+    assert (first / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(first))
+    model = load_causal_lm(str(first), tokenizer)
+    assert not hasattr(model, "peft_config")
+    assert all(p.requires_grad for p in model.parameters())
+    base = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    changed = [n for n, p in model.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n]) and "embed" not in n]
+    assert changed, "the adapter's update must be merged into the weights"
+    second = run_sft(make_config(SFTConfig, {"model": str(first), "data": [str(data)], "output": str(tmp_path / "full"),
+                                             "max_steps": 1, "batch_size": 8, "lr": 1e-3, "eval_split": 0.0}))
+    after = AutoModelForCausalLM.from_pretrained(second)
+    moved = [n for n, p in after.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])]
+    assert len(moved) == len(list(after.parameters())), "full fine-tuning must update every weight"
