@@ -11,16 +11,15 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import option
+from rlhfkit.config import ConfigError, option
 from rlhfkit.data.batching import chunks, pad_right, step_indices
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_pair
 from rlhfkit.data.formats import PreferencePair
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import autocast, load_sequence_classifier, load_tokenizer, save_model
 from rlhfkit.rm.losses import LOSSES, pairwise_loss
-from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, make_optimizer,
-                                     make_scheduler, resume_training, setup_logging, start_run, total_steps,
-                                     with_lora)
+from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, optimization,
+                                     setup_logging, start_run, with_lora)
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
@@ -105,15 +104,12 @@ def run_rm(config: RMConfig) -> Path:
     eval_set = encode_pairs(eval_rows, tokenizer, template, config.max_len, EncodeStats())
     log.info(f"template {template}; tokenized {stats.describe()}")
     if not train_set:
-        raise ValueError("no training pair fits in max_len")
+        raise ConfigError(f"max_len: no training pair fits in {config.max_len} tokens")
 
     model = load_sequence_classifier(config.model, tokenizer, attn_implementation=config.attn_implementation,
                                      gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "SEQ_CLS")
-    steps = total_steps(config, len(train_set))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
-    start = resume_training(model, optimizer, scheduler, resume_from)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from)
     pad = tokenizer.pad_token_id
 
     def step_batches(step: int) -> list[dict]:

@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.config import option
+from rlhfkit.config import ConfigError, option
 from rlhfkit.data.batching import chunks, pad_right, step_indices
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import autocast, load_causal_lm, load_tokenizer, save_model
-from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, make_optimizer,
-                                     make_scheduler, resume_training, setup_logging, start_run, total_steps,
-                                     with_lora)
+from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, optimization,
+                                     setup_logging, start_run, with_lora)
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
@@ -75,15 +74,12 @@ def run_sft(config: SFTConfig) -> Path:
                                                 train_all=config.loss_on == "all") for c in eval_rows) if e]
     log.info(f"template {template}; tokenized {stats.describe()}")
     if not train_set:
-        raise ValueError("no training example fits in max_len")
+        raise ConfigError(f"max_len: no training example fits in {config.max_len} tokens")
 
     model = load_causal_lm(config.model, tokenizer, attn_implementation=config.attn_implementation,
                            gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "CAUSAL_LM")
-    steps = total_steps(config, len(train_set))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
-    start = resume_training(model, optimizer, scheduler, resume_from)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from)
 
     def step_batches(step: int) -> list[dict]:
         indices = step_indices(len(train_set), config.batch_size, config.seed, step)

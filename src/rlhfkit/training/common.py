@@ -217,6 +217,14 @@ def with_lora(model, config: CommonConfig, task: str):
                     target_modules=config.lora_target_modules, task=task)
 
 
+def optimization(model, config: CommonConfig, n_train: int, resume_from: Path | None):
+    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume_from` when given."""
+    steps = total_steps(config, n_train)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
+    return optimizer, scheduler, steps, resume_training(model, optimizer, scheduler, resume_from)
+
+
 def resume_training(model, optimizer, scheduler, resume_from: Path | None) -> int:
     """Load a checkpoint's weights, optimizer, schedule and RNG states into place; return the step to start from."""
     if resume_from is None:
