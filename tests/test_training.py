@@ -521,3 +521,25 @@ def test_adapter_only_output_starts_the_next_stage_as_a_plain_trainable_model(tm
     after = AutoModelForCausalLM.from_pretrained(second)
     moved = [n for n, p in after.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])]
     assert len(moved) == len(list(after.parameters())), "full fine-tuning must update every weight"
+
+
+# ------------------------------------------------------------------------------------------- gradient checkpointing
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, tokenizer):
+    """Recomputing activations in the backward pass must not change the numbers, only the memory."""
+    from rlhfkit.data.batching import pad_right
+
+    ids = [tokenizer("Item 3 is red.")["input_ids"], tokenizer("What color is item 7?")["input_ids"]]
+    batch = pad_right(ids, tokenizer.pad_token_id, [[True] * len(s) for s in ids])
+    grads = []
+    for checkpointing in (False, True):
+        model = load_causal_lm(str(tiny_models["llama"]), tokenizer, gradient_checkpointing=checkpointing)
+        model.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        loss, _ = sft_train.sft_loss(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert grad_a.keys() == grad_b.keys() and len(grad_a) > 10
+    for name in grad_a:
+        torch.testing.assert_close(grad_b[name], grad_a[name], atol=1e-6, rtol=0)
