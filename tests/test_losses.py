@@ -40,22 +40,15 @@ def test_known_values_written_out():
     assert by_hand_log_exp(3.0, 3.0, 0.0) == pytest.approx(math.log(2.0), abs=1e-12)
 
 
-def test_log_sig_matches_hand_computed_values_with_margin():
+@pytest.mark.parametrize("name, loss_fn, by_hand", [("log_sig", log_sigmoid_loss, by_hand_log_sig),
+                                                     ("log_exp", log_exp_loss, by_hand_log_exp)])
+def test_losses_match_hand_computed_values_with_margin(name, loss_fn, by_hand):
     chosen, rejected, margin = tensors()
-    expected = torch.tensor([by_hand_log_sig(*p) for p in PAIRS])
-    got = log_sigmoid_loss(chosen, rejected, margin)
+    expected = torch.tensor([by_hand(*p) for p in PAIRS])
+    got = loss_fn(chosen, rejected, margin)
     assert got.shape == (len(PAIRS),)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(pairwise_loss("log_sig", chosen, rejected, margin), expected, atol=ATOL, rtol=0)
-
-
-def test_log_exp_matches_hand_computed_values_with_margin():
-    chosen, rejected, margin = tensors()
-    expected = torch.tensor([by_hand_log_exp(*p) for p in PAIRS])
-    got = log_exp_loss(chosen, rejected, margin)
-    assert got.shape == (len(PAIRS),)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(pairwise_loss("log_exp", chosen, rejected, margin), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(pairwise_loss(name, chosen, rejected, margin), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["log_sig", "log_exp"])
