@@ -17,6 +17,7 @@ USAGE = """usage: rlhfkit <command> [options]
 stages:
   sft        supervised fine-tuning of a causal LM on demonstrations
   rm         train a reward model on preference pairs
+  ppo        PPO with a reward model or function, KL penalty, GAE and PTX
 tools:
   eval-rm    a reward model's accuracy and example scores on preference pairs
   data check what a data file holds and every problem in it
@@ -35,6 +36,14 @@ def _rm(argv: list[str]) -> int:
     from rlhfkit.rm.train import RMConfig, run_rm
 
     run_rm(parse_config(RMConfig, argv, "rlhfkit rm", "Reward-model training on preference pairs (stage 2)."))
+    return 0
+
+
+def _ppo(argv: list[str]) -> int:
+    from rlhfkit.ppo.config import PPOConfig
+    from rlhfkit.ppo.train import run_ppo
+
+    run_ppo(parse_config(PPOConfig, argv, "rlhfkit ppo", "PPO with the actor, reference, critic and reward (stage 3)."))
     return 0
 
 
@@ -101,7 +110,7 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     return 1 if problems else 0
 
 
-COMMANDS = {"sft": _sft, "rm": _rm, "eval-rm": _eval_rm, "data": _data}
+COMMANDS = {"sft": _sft, "rm": _rm, "ppo": _ppo, "eval-rm": _eval_rm, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

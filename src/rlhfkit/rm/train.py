@@ -18,7 +18,7 @@ from rlhfkit.data.formats import PreferencePair
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import autocast, load_sequence_classifier, load_tokenizer, save_model
 from rlhfkit.rm.losses import LOSSES, pairwise_loss
-from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, optimization,
+from rlhfkit.training.common import (SupervisedConfig, checkpoint_saver, load_train_eval, log, optimization,
                                      setup_logging, start_run, with_lora)
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
@@ -27,7 +27,7 @@ EncodedPair = tuple[Encoded, Encoded, float]  # chosen, rejected, margin
 
 
 @dataclass
-class RMConfig(CommonConfig):
+class RMConfig(SupervisedConfig):
     lr: float = option(1e-5, "peak learning rate (AdamW)", group="training")
     loss: str = option("log_sig", "pairwise loss: log_sig = -log sigmoid(r_c - r_r - margin), log_exp = "
                                   "log(1 + exp(r_r - r_c + margin))", group="training", choices=LOSSES)

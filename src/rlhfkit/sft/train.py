@@ -14,14 +14,14 @@ from rlhfkit.data.batching import chunks, pad_right, step_indices
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import autocast, load_causal_lm, load_tokenizer, save_model
-from rlhfkit.training.common import (CommonConfig, checkpoint_saver, load_train_eval, log, optimization,
+from rlhfkit.training.common import (SupervisedConfig, checkpoint_saver, load_train_eval, log, optimization,
                                      setup_logging, start_run, with_lora)
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
 
 @dataclass
-class SFTConfig(CommonConfig):
+class SFTConfig(SupervisedConfig):
     lr: float = option(2e-5, "peak learning rate (AdamW)", group="training")
     loss_on: str = option("assistant", "tokens that carry loss: assistant replies (and their EOS), or all tokens",
                           group="data", choices=("assistant", "all"))

@@ -20,8 +20,8 @@ log = logging.getLogger("rlhfkit")
 
 @dataclass
 class CommonConfig:
+    """What every training stage has: model format, LoRA, the run, the optimizer and checkpoints."""
     # model
-    model: str = option("", "model to start from: a local folder or a Hugging Face hub id", group="model")
     template: str = option("auto", "chat template: auto (the tokenizer's, else human-assistant), tokenizer, "
                                    "human-assistant, alpaca or chatml", group="model",
                            choices=("auto", "tokenizer", "human-assistant", "alpaca", "chatml"))
@@ -42,11 +42,6 @@ class CommonConfig:
     lora_merge: bool = option(True, "merge the adapter into the base when saving the final model (false: save "
                                     "the adapter alone)", group="lora")
     # data
-    data: list[str] = option([], "training data: files, folders or hub names, each optionally PATH:WEIGHT "
-                                 "(weight 2 = every row twice, 0.5 = a fixed half)", group="data")
-    eval_data: list[str] = option([], "held-out data; when empty, eval_split of the training data is held out",
-                                  group="data")
-    eval_split: float = option(0.05, "fraction of the training rows held out for evaluation", group="data")
     skip_invalid: bool = option(False, "skip bad rows (counted, written to OUTPUT/skipped_rows.jsonl) instead "
                                        "of stopping", group="data")
     # training
@@ -63,7 +58,6 @@ class CommonConfig:
     warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", group="training")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 = no clipping", group="training")
     seed: int = option(42, "seed for data order, initialisation and sampling", group="training")
-    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)", group="training")
     save_every: int = option(100, "write a checkpoint every N steps (0 = never)", group="training")
     keep_last: int = option(2, "checkpoints kept on disk", group="training")
     resume: str = option("", "continue from a checkpoint: bare --resume = the latest in OUTPUT, or a "
@@ -75,31 +69,19 @@ class CommonConfig:
                                 group="training")
 
     def check(self) -> None:
-        require(bool(self.model), "model: required (a local folder or a hub id)")
-        require(bool(self.data), "data: required (one or more files or folders)")
         require(bool(self.output), "output: required (a folder for checkpoints and the final model)")
-        for spec in self.data + self.eval_data:
-            problem = check_spec_exists(spec)
-            require(problem is None, f"data: {problem}")
-        local = Path(self.model)
-        require(local.exists() or (self.model.count("/") <= 1 and not self.model.startswith((".", "/"))),
-                f"model: {self.model} does not exist")
         require(self.lr > 0 and math.isfinite(self.lr), f"lr: must be > 0, got {self.lr}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require(self.micro_batch_size >= 0, f"micro_batch_size: must be >= 0, got {self.micro_batch_size}")
-        micro = self.micro_batch_size or self.batch_size
-        require(self.batch_size % micro == 0,
-                f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
         require(self.max_len >= 8, f"max_len: must be >= 8, got {self.max_len}")
         require(self.max_steps >= 0, f"max_steps: must be >= 0, got {self.max_steps}")
         require(self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
-        require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
         require(self.lora_r >= 0, f"lora_r: must be >= 0, got {self.lora_r}")
         require(0 <= self.lora_dropout < 1, f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         require(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
-        for name in ("eval_every", "save_every", "log_every"):
+        for name in ("save_every", "log_every"):
             require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
         require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
         require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
@@ -107,6 +89,42 @@ class CommonConfig:
     @property
     def micro(self) -> int:
         return self.micro_batch_size or self.batch_size
+
+
+@dataclass
+class SupervisedConfig(CommonConfig):
+    """SFT and reward-model training: one model, a dataset with a held-out part."""
+    model: str = option("", "model to start from: a local folder or a Hugging Face hub id", group="model")
+    data: list[str] = option([], "training data: files, folders or hub names, each optionally PATH:WEIGHT "
+                                 "(weight 2 = every row twice, 0.5 = a fixed half)", group="data")
+    eval_data: list[str] = option([], "held-out data; when empty, eval_split of the training data is held out",
+                                  group="data")
+    eval_split: float = option(0.05, "fraction of the training rows held out for evaluation", group="data")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)", group="training")
+
+    def check(self) -> None:
+        require(bool(self.model), "model: required (a local folder or a hub id)")
+        require(bool(self.data), "data: required (one or more files or folders)")
+        super().check()
+        check_data_specs(self.data + self.eval_data, "data")
+        check_model_path(self.model, "model")
+        micro = self.micro_batch_size or self.batch_size
+        require(self.batch_size % micro == 0,
+                f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
+        require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
+        require(self.eval_every >= 0, f"eval_every: must be >= 0, got {self.eval_every}")
+
+
+def check_data_specs(specs: list[str], field: str) -> None:
+    for spec in specs:
+        problem = check_spec_exists(spec)
+        require(problem is None, f"{field}: {problem}")
+
+
+def check_model_path(path: str, field: str) -> None:
+    """A local folder that exists, or something shaped like a hub id (owner/name or name)."""
+    require(Path(path).exists() or (path.count("/") <= 1 and not path.startswith((".", "/"))),
+            f"{field}: {path} does not exist")
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -163,7 +181,7 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def load_train_eval(config: CommonConfig, kind: str, out: Path) -> tuple[list, list]:
+def load_train_eval(config: SupervisedConfig, kind: str, out: Path) -> tuple[list, list]:
     """Training and held-out examples of `kind`, with a report of what was read, skipped and held out."""
     skipped = out / "skipped_rows.jsonl"
     train = load_examples(config.data, kind, skip_invalid=config.skip_invalid, seed=config.seed)

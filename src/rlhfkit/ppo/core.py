@@ -1,0 +1,215 @@
+"""The PPO math as small pure torch functions: tensors and numbers in, tensors out, no config and no model.
+
+Shapes, one notation throughout:
+    B  sequences in the batch
+    R  response tokens per sequence (responses are right-padded to R)
+    V  vocabulary size
+    response_mask (B, R) bool: True at a valid response token (up to and including the token that stopped it).
+Every function here ignores masked positions: whatever they hold never changes a result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
+
+
+# ------------------------------------------------------------------------------------------------ masked statistics
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))  # not x*mask: masked inf/nan stay out
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the valid entries of x (with Bessel's correction by default)."""
+    n = mask.sum()
+    mean = masked_mean(x, mask)
+    var = masked_sum((x - mean) ** 2, mask) / n.clamp(min=1)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid entries; masked positions come out as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over valid tokens: 1 is a perfect critic, <= 0 no better than a mean."""
+    var_returns = masked_var(returns, mask).item()
+    if var_returns == 0:
+        return float("nan")
+    return 1.0 - masked_var(returns - values, mask).item() / var_returns
+
+
+# -------------------------------------------------------------------------------------------------- policy outputs
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels): logits (B, R, V) float, labels (B, R) long -> (B, R)."""
+    return torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax at each position: logits (B, R, V) -> (B, R)."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def truncate_after_stop(responses: torch.Tensor, is_stop: torch.Tensor, pad_id: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token.
+
+    responses (B, R) long; is_stop (B, R) bool, True where a token ends a response (EOS, a configured stop token, the
+    last token of a stop string). Returns (responses with pad after the first stop, response_mask (B, R) with the
+    stop token itself valid, stopped (B,) bool: whether the response stopped at all).
+    """
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
+    response_mask = stops_before == 0
+    return responses.masked_fill(~response_mask, pad_id), response_mask, is_stop.any(-1)
+
+
+# ----------------------------------------------------------------------------------------------------- the reward
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens: (B, R), (B, R) -> (B, R).
+
+    With r = log pi(y) - log pi_ref(y) for y sampled from pi (Schulman, "Approximating KL divergence", 2020):
+    k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, low variance), k3 = exp(-r) - 1 + r (unbiased, >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+                      ) -> torch.Tensor:
+    """-kl_coef * kl at every valid token, plus the sequence's score at its last valid token.
+
+    scores (B,), kl (B, R), response_mask (B, R) -> rewards (B, R), 0 at masked positions.
+    """
+    rewards = torch.where(response_mask, -kl_coef * kl, torch.zeros_like(kl))
+    last = _last_valid_index(response_mask)
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
+
+
+def _last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last True in each row of mask (B, R) (0 for a row with none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.zeros_like(positions)).max(-1).values
+
+
+# -------------------------------------------------------------------------------------------------------- the critic
+def gae(values: torch.Tensor, rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over valid tokens only: (advantages, returns), each (B, R).
+
+    values (B, R): V(s_t), the critic's value before response token t; rewards (B, R); response_mask (B, R).
+    delta_t = r_t + gamma * V(s_t+1) - V(s_t); A_t = delta_t + gamma * lam * A_t+1; returns = A + V. Masked positions
+    are skipped (the next valid token plays the role of t+1; after the last one V = 0 and A = 0) and come out as 0.
+    """
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        valid = response_mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(valid, advantage, torch.zeros_like(advantage))
+        next_value = torch.where(valid, values[:, t], next_value)
+        next_advantage = torch.where(valid, advantage, next_advantage)
+    returns = torch.where(response_mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, cliprange: float, dual_clip: float = 0.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, per token: (B, R) each -> (loss (B, R), stats).
+
+    loss = max(-A * ratio, -A * clip(ratio, 1 - cliprange, 1 + cliprange)) with ratio = pi / pi_old. With dual_clip
+    c > 1 (Ye et al. 2020), a token with A < 0 loses at most -c * A, so one huge ratio cannot dominate the batch.
+    stats (scalars over valid tokens): clipfrac = share of tokens where the clipped term was the larger one (its
+    gradient is zero there), approx_kl = mean of (log ratio)^2 / 2, ratio = mean ratio.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+                 "approx_kl": masked_mean(0.5 * log_ratio ** 2, response_mask),
+                 "ratio": masked_mean(ratio, response_mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss, per token: (B, R) each -> (loss (B, R), stats).
+
+    loss = max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2) / 2: the critic cannot move further than c from
+    the values that made the advantages in one round. stats: vf_clipfrac = share of tokens where the clipped term won.
+    """
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped > unclipped).float(), response_mask)}
+    return loss, stats
+
+
+def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, mode: str = "token-mean",
+              denominator: float | None = None) -> torch.Tensor:
+    """Reduce a per-token loss (B, R) to a scalar.
+
+    token-mean: sum over valid tokens / number of valid tokens (long responses weigh more);
+    seq-mean: each sequence's mean over its valid tokens, then the mean over sequences.
+    `denominator` replaces the token (or sequence) count: gradient accumulation passes the count of the whole
+    minibatch, so that micro-batches add up to exactly the minibatch's loss.
+    """
+    if mode == "token-mean":
+        total = masked_sum(loss, response_mask)
+        count = response_mask.sum()
+    elif mode == "seq-mean":
+        total = (masked_sum(loss, response_mask, dim=-1) / response_mask.sum(-1).clamp(min=1)).sum()
+        count = loss.shape[0]
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")
+    return total / (denominator if denominator is not None else max(int(count), 1))
+
+
+# ------------------------------------------------------------------------------------------------ the KL coefficient
+class AdaptiveKLController:
+    """The KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019, "Fine-Tuning Language Models
+    from Human Preferences", section 2.2): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon),
+    where KL is the mean per-sequence KL of the last batch and n its number of sequences. target 0 = fixed beta."""
+
+    def __init__(self, init_coef: float, target: float = 0.0, horizon: int = 10000):
+        self.value, self.target, self.horizon = init_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target <= 0 or not math.isfinite(current_kl):
+            return
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+

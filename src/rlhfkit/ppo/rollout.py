@@ -1,0 +1,142 @@
+"""Experience from the models: left-padded generation, stop handling, and the forward passes PPO needs.
+
+A rollout batch is laid out as [prompt, left-padded to P | response, right-padded to R]: input_ids and
+attention_mask (B, P + R), response_mask (B, R). Positions are counted over attended tokens only, so a sequence gets
+the same log-probs whatever padding surrounds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.models import is_peft, score_head
+from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + R) prompt left-padded, response right-padded
+    attention_mask: torch.Tensor  # (B, P + R) long
+    prompt_len: int  # P
+    response_mask: torch.Tensor  # (B, R) bool
+    stopped: torch.Tensor  # (B,) bool: the response ended with EOS or a stop string (else it hit max_new_tokens)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (B, P), padded on the left so every prompt ends where generation starts."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, longest - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... over the attended tokens (what generate uses), so padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> Rollout:
+    """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked."""
+    from transformers import GenerationConfig
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    device = next(actor.parameters()).device
+    # A config of its own: a model's generation_config.json (repetition penalties, length limits) must not change
+    # what PPO samples.
+    config = GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_id,
+                              pad_token_id=pad_id, use_cache=True,
+                              stop_strings=list(sampling.stop_strings) or None)
+    extra = {"tokenizer": tokenizer} if sampling.stop_strings else {}
+    actor.eval()
+    out = actor.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                         generation_config=config, **extra).cpu()
+    responses = out[:, prompt_ids.shape[1]:]
+    is_stop = responses == eos_id
+    if sampling.stop_strings:
+        is_stop |= stop_string_ends(responses, tokenizer, sampling.stop_strings)
+    responses, response_mask, stopped = truncate_after_stop(responses, is_stop, pad_id)
+    return Rollout(input_ids=torch.cat([prompt_ids, responses], 1),
+                   attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
+                   prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped)
+
+
+def stop_string_ends(responses: torch.Tensor, tokenizer, stop_strings: tuple[str, ...]) -> torch.Tensor:
+    """(B, R) bool: True at the token whose text completes the first stop string of each response."""
+    marks = torch.zeros_like(responses, dtype=torch.bool)
+    for row, ids in enumerate(responses.tolist()):
+        if not any(s in tokenizer.decode(ids) for s in stop_strings):
+            continue
+        low, high = 1, len(ids)  # the shortest prefix whose text holds a stop string (containment only grows)
+        while low < high:
+            mid = (low + high) // 2
+            if any(s in tokenizer.decode(ids[:mid]) for s in stop_strings):
+                high = mid
+            else:
+                low = mid + 1
+        marks[row, low - 1] = True
+    return marks
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float, *, with_entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (B, R), entropy (B, R) or None) of the response tokens under `model`, at the sampling temperature.
+
+    Only the R + 1 last positions' logits are computed: the full (B, T, V) tensor is the largest in PPO.
+    """
+    n_response = input_ids.shape[1] - prompt_len
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=n_response + 1, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature  # position P-1+t predicts response token t
+    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
+    return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) the sequence classifier's head applied at every position: per-token values for a critic; a reward
+    model's score is the value at the last attended token (where Hugging Face's classifiers read it)."""
+    inner = model.base_model.model if is_peft(model) else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False).last_hidden_state
+    return score_head(inner)(hidden).squeeze(-1).float()
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) a reward model's score of each sequence, read at its last attended token."""
+    values = token_values(model, input_ids, attention_mask)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every form transformers uses (nn.Dropout modules and float rates read in forward), so a forward
+    pass in training mode computes what the rollout computed. PPO's ratio pi/pi_old is 1 at the first minibatch only
+    if both come from the same function."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)

@@ -1,0 +1,167 @@
+"""Scores for responses: a reward model (same tokenizer as the actor, or any other by re-tokenizing the text) or a
+Python function; then the missing-EOS rule, normalisation and clipping that turn a score into PPO's final reward."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlhfkit.config import ConfigError
+from rlhfkit.data.batching import pad_right
+from rlhfkit.data.encode import bos_ids, tokenize_segments, truncate
+from rlhfkit.data.formats import Message, PromptExample
+from rlhfkit.data.templates import render
+from rlhfkit.ppo.rollout import Rollout, last_token_scores
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """`module:function` (importable) or `path/to/file.py:function`; a ConfigError that says what is wrong."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(f"reward_fn: expected module:function or path/to/file.py:function, got {spec!r}")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"reward_fn: {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"rlhfkit_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's module failed to import: show its error, not ours
+        raise ConfigError(f"reward_fn: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward_fn: {target} has no function {name!r}")
+    return fn
+
+
+def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examples: list[PromptExample]
+                   ) -> torch.Tensor:
+    """(B,) float32 rewards from `fn(prompts, responses, **columns)`.
+
+    columns are the prompt rows' other fields, one list each (e.g. `answer=[...]` for verifiable rewards); a function
+    without **kwargs receives only the columns it names.
+    """
+    columns: dict[str, list[Any]] = {}
+    for ex in examples:
+        for key in ex.extra:
+            columns.setdefault(key, [e.extra.get(key) for e in examples])
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        columns = {k: v for k, v in columns.items() if k in params}
+    name = getattr(fn, "__qualname__", repr(fn))
+    result = fn(prompts, responses, **columns)
+    try:
+        rewards = torch.as_tensor(result, dtype=torch.float32).flatten()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"reward function {name} returned {type(result).__name__}, expected one float per "
+                         f"response") from exc
+    if rewards.numel() != len(responses):
+        raise ValueError(f"reward function {name} returned {rewards.numel()} values for {len(responses)} responses")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"reward function {name} returned a non-finite value: {rewards.tolist()}")
+    return rewards
+
+
+class FunctionScorer:
+    """Scores from a Python function of the texts: the decoded prompts (as the actor saw them) and responses."""
+
+    def __init__(self, fn: Callable, tokenizer):
+        self.fn, self.tokenizer = fn, tokenizer
+
+    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str]) -> torch.Tensor:
+        prompts = self.tokenizer.batch_decode(rollout.input_ids[:, :rollout.prompt_len], skip_special_tokens=True)
+        return call_reward_fn(self.fn, prompts, response_texts, examples)
+
+
+class RewardModelScorer:
+    """Scores from a sequence classifier. With the actor's tokenizer it reads the rollout's tokens as they are;
+    with another tokenizer it decodes each response and builds the reward model's own input (its template, its
+    tokens), since ids from one vocabulary mean nothing in another."""
+
+    def __init__(self, model, tokenizer, *, adapter_disabled: bool, same_tokenizer: bool, template: str,
+                 max_len: int, batch_size: int):
+        self.model, self.tokenizer, self.adapter_disabled = model, tokenizer, adapter_disabled
+        self.same_tokenizer, self.template, self.max_len, self.batch_size = same_tokenizer, template, max_len, batch_size
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if self.same_tokenizer:
+            batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+        else:
+            batch = self.retokenize(examples, response_texts, rollout.stopped.tolist())
+        scores = []
+        with self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext():
+            for start in range(0, batch["input_ids"].shape[0], self.batch_size):
+                part = slice(start, start + self.batch_size)
+                scores.append(last_token_scores(self.model, batch["input_ids"][part].to(device),
+                                                batch["attention_mask"][part].to(device)).cpu())
+        return torch.cat(scores)
+
+    def retokenize(self, examples: list[PromptExample], responses: list[str], stopped: list[bool]) -> dict:
+        eos = self.tokenizer.eos_token_id
+        sequences = []
+        for example, response, ended in zip(examples, responses, stopped):
+            segments = render(example.prompt + [Message("assistant", response)], self.template, self.tokenizer,
+                              raw=example.raw)
+            encoded = tokenize_segments(segments, self.tokenizer)
+            if not ended and encoded.input_ids[-1] == eos:  # it was cut off: the reward model must not see an end
+                encoded.input_ids.pop()
+                encoded.loss_mask.pop()
+            cut, _ = truncate(encoded, self.max_len, keep_start=len(bos_ids(self.tokenizer)))
+            sequences.append((cut or encoded).input_ids[-self.max_len:])
+        return pad_right(sequences, self.tokenizer.pad_token_id)
+
+
+def same_vocabulary(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+
+
+@dataclass
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far (Chan et al.'s parallel update), for `running`
+    normalisation; saved in checkpoints."""
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, batch_mean = x.numel(), x.mean().item()
+        batch_m2 = ((x - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+
+def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, *, mean: float, std: float,
+                 missing_eos_penalty: float, missing_eos_score: float | None, clip: float) -> torch.Tensor:
+    """The score PPO adds at the last token: (scores - mean) / std; then a response that never stopped loses
+    `missing_eos_penalty` (or gets `missing_eos_score` outright); then clipped to +-clip (0 = no clipping).
+    scores (B,), stopped (B,) bool -> (B,)."""
+    shaped = (scores - mean) / std
+    not_stopped = ~stopped
+    shaped = shaped - missing_eos_penalty * not_stopped.float()
+    if missing_eos_score is not None:
+        shaped = torch.where(not_stopped, torch.full_like(shaped, missing_eos_score), shaped)
+    return shaped.clamp(-clip, clip) if clip > 0 else shaped

@@ -1,0 +1,461 @@
+"""Stage 3, PPO: the actor generates, the reward model (or function) scores, the reference keeps it close, the critic
+estimates values; clipped policy and value updates, with the pretraining loss (PTX) mixed into the actor's.
+
+`run_ppo` sets up the models; `ppo_iteration` is one iteration, its six steps in order; `ppo_update` is step 6.
+The math is in ppo/core.py, the forward passes in ppo/rollout.py, the reward in ppo/scoring.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import ConfigError
+from rlhfkit.data.batching import chunks, step_indices
+from rlhfkit.data.encode import EncodeStats, encode_conversation, encode_prompt
+from rlhfkit.data.formats import PromptExample
+from rlhfkit.data.loading import load_examples, write_problems
+from rlhfkit.data.templates import resolve_template
+from rlhfkit.models import (autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
+                            read_reward_stats, save_model, trainable_state, load_trainable_state)
+from rlhfkit.ppo import core
+from rlhfkit.ppo.config import PPOConfig
+from rlhfkit.ppo.rollout import Rollout, Sampling, disable_dropout, generate, response_logprobs, token_values
+from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, load_reward_fn, same_vocabulary,
+                                 shape_scores)
+from rlhfkit.sft.train import collate as collate_lm, sft_loss
+from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhfkit.training.common import (log, make_optimizer, make_scheduler, setup_logging, start_run, with_lora)
+from rlhfkit.training.loop import TrainingError
+from rlhfkit.training.metrics import RunLogger
+
+
+@dataclass
+class Experience:
+    """One iteration's rollout and everything computed from it; tensors (B, R) unless noted."""
+    rollout: Rollout
+    old_logprobs: torch.Tensor  # actor, at sampling time
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor  # critic, at sampling time
+    scores: torch.Tensor  # (B,) raw score from the reward model or function
+    rewards: torch.Tensor  # per-token: -beta * KL + shaped score at the last token
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+
+@dataclass
+class Models:
+    """The four models. `ref` is None when the reference is the LoRA actor with its adapter disabled; the scorer
+    holds the reward model (which may be the LoRA critic with its adapter disabled) or the reward function."""
+    actor: torch.nn.Module
+    critic: torch.nn.Module
+    ref: torch.nn.Module | None
+    scorer: RewardModelScorer | FunctionScorer
+
+    @property
+    def frozen(self) -> list[torch.nn.Module]:
+        """Separate frozen copies (reference, reward model): what --offload-frozen moves."""
+        rm = self.scorer.model if isinstance(self.scorer, RewardModelScorer) and not self.scorer.adapter_disabled \
+            else None
+        return [m for m in (self.ref, rm) if m is not None]
+
+
+# ------------------------------------------------------------------------------------------------- the iteration
+def ppo_iteration(iteration: int, models: Models, prompts: list[PromptExample], prompt_ids: list[list[int]],
+                  tokenizer, config: PPOConfig, kl_ctl: core.AdaptiveKLController, moments: RunningMoments,
+                  reward_stats: tuple[float, float] | None, ptx, optimizers, schedulers, ema, device
+                  ) -> tuple[dict[str, float], list[dict]]:
+    """One PPO iteration; returns (metrics, sample rows)."""
+    timer = _PhaseTimer()
+    sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
+                        tuple(config.stop_strings))
+    # 1. Rollout: the iteration's prompts (a function of seed and iteration), left-padded; the actor samples.
+    indices = step_indices(len(prompts), config.batch_size, config.seed, iteration)
+    batch_prompts = [prompts[i] for i in indices]
+    with timer("generate"), autocast(config.dtype, device):
+        rollout = generate(models.actor, [prompt_ids[i] for i in indices], tokenizer, sampling)
+    response_texts = tokenizer.batch_decode(rollout.responses.masked_fill(~rollout.response_mask,
+                                                                          tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+    # 2. Scoring: reward model or function, then normalisation, the missing-EOS rule and clipping.
+    with timer("score"), torch.no_grad(), autocast(config.dtype, device):
+        _place(models.frozen, device, config)
+        scores = models.scorer(rollout, batch_prompts, response_texts)
+    if config.reward_norm == "running":
+        moments.update(scores)
+        mean, std = moments.mean, moments.std
+    else:
+        mean, std = reward_stats or (0.0, 1.0)  # set for rm-stats (and auto) when the reward model stored them
+    shaped = shape_scores(scores, rollout.stopped, mean=mean, std=std, missing_eos_penalty=config.missing_eos_penalty,
+                          missing_eos_score=config.missing_eos_score, clip=config.reward_clip)
+    # 3. Log-probs of the sampled tokens (actor and reference, at the sampling temperature) and the critic's values.
+    with timer("experience"), torch.no_grad(), autocast(config.dtype, device):
+        old_logprobs, ref_logprobs, old_values = _experience_forwards(models, rollout, config, device)
+        _place(models.frozen, torch.device("cpu"), config)
+    mask = rollout.response_mask
+    # 4. Per-token rewards: -beta * KL estimate at every token, plus the shaped score at the last one.
+    kl = core.kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator)
+    rewards = core.per_token_rewards(shaped, kl, kl_ctl.value, mask)
+    # 5. GAE over valid tokens; returns = advantages + values; advantages whitened over valid tokens.
+    advantages, returns = core.gae(old_values, rewards, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = core.masked_whiten(advantages, mask)
+    experience = Experience(rollout, old_logprobs, ref_logprobs, old_values, scores, rewards, advantages, returns)
+    # 6. Update: ppo_epochs over shuffled minibatches; clipped policy loss (+ PTX) for the actor, clipped value loss
+    #    for the critic.
+    with timer("train"):
+        train_metrics = ppo_update(iteration, experience, models, config, ptx, optimizers, schedulers, ema, device)
+
+    # The KL controller sees this batch's mean per-sequence KL (k1, whatever estimator shapes the reward).
+    sequence_kl = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
+    beta = kl_ctl.value
+    kl_ctl.update(sequence_kl.mean().item(), config.batch_size)
+    n_tokens = int(mask.sum())
+    metrics = {
+        "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "shaped_score": shaped.mean().item(), "reward": core.masked_sum(rewards, mask, dim=-1).mean().item(),
+        "kl": sequence_kl.mean().item(), "beta": beta,
+        "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.stopped.float().mean().item(),
+        "advantage_std": core.masked_var(advantages, mask).sqrt().item(),
+        "explained_variance": core.explained_variance(old_values, returns, mask),
+        **train_metrics,
+        "tokens_per_s": n_tokens / timer.total(), **timer.seconds(),
+    }
+    samples = [{"step": iteration + 1, "prompt": tokenizer.decode(prompt_ids[indices[i]], skip_special_tokens=True),
+                "response": response_texts[i], "score": scores[i].item(), "reward": shaped[i].item(),
+                "stopped": bool(rollout.stopped[i])} for i in range(min(config.num_samples, len(indices)))]
+    return metrics, samples
+
+
+@torch.no_grad()
+def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, device
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Actor log-probs, reference log-probs and critic values, each (B, R), computed micro-batch by micro-batch."""
+    models.actor.eval()
+    models.critic.eval()
+    outputs: tuple[list, list, list] = ([], [], [])
+    p = rollout.prompt_len
+    for rows in chunks(list(range(rollout.input_ids.shape[0])), config.micro):
+        ids, attn = rollout.input_ids[rows].to(device), rollout.attention_mask[rows].to(device)
+        outputs[0].append(response_logprobs(models.actor, ids, attn, p, config.temperature)[0])
+        with _adapter_disabled(models.actor, models.ref is None):
+            ref = models.ref if models.ref is not None else models.actor
+            outputs[1].append(response_logprobs(ref, ids, attn, p, config.temperature)[0])
+        outputs[2].append(token_values(models.critic, ids, attn)[:, p - 1:-1])  # V(s_t): state before token t
+    return tuple(torch.cat(o).cpu() for o in outputs)
+
+
+def _adapter_disabled(model, enabled: bool):
+    return model.disable_adapter() if enabled else contextlib.nullcontext()
+
+
+def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfig) -> None:
+    """--offload-frozen on GPU: the frozen models visit the GPU only for scoring and the experience passes."""
+    if config.offload_frozen and torch.cuda.is_available():
+        for model in frozen:
+            model.to(device)
+
+
+# --------------------------------------------------------------------------------------------------------- step 6
+def ppo_update(iteration: int, exp: Experience, models: Models, config: PPOConfig, ptx, optimizers, schedulers,
+               ema, device) -> dict[str, float]:
+    """`ppo_epochs` passes over the experience in shuffled minibatches: one optimizer step per minibatch for the
+    actor (unless the critic is still warming up) and the critic, micro-batches accumulating exactly."""
+    actor, critic = models.actor, models.critic
+    train_actor = iteration >= config.critic_warmup_steps
+    actor.train()
+    critic.train()
+    B, p = exp.rollout.input_ids.shape[0], exp.rollout.prompt_len
+    # The shuffle is a function of (seed, iteration), so a resumed run replays it without saved sampler state.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+    per_iteration = config.ppo_epochs * (B // config.mini_batch)
+    sums: dict[str, float] = {}
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(B, generator=generator).tolist()
+        for m, mini in enumerate(chunks(order, config.mini_batch)):
+            mask = exp.response_mask[mini]
+            denominator = float(mask.sum()) if config.loss_agg == "token-mean" else float(len(mini))
+            stats: dict[str, float] = {}
+            for rows in chunks(mini, config.micro):
+                ids = exp.rollout.input_ids[rows].to(device)
+                attn = exp.rollout.attention_mask[rows].to(device)
+                mb_mask = exp.response_mask[rows].to(device)
+                weight = float(mb_mask.sum()) / float(mask.sum())  # this micro-batch's share of the tokens
+                if train_actor:
+                    with autocast(config.dtype, device):
+                        logprobs, entropy = response_logprobs(actor, ids, attn, p, config.temperature,
+                                                              with_entropy=True)
+                    pg, pg_stats = core.policy_loss(logprobs, exp.old_logprobs[rows].to(device),
+                                                    exp.advantages[rows].to(device), mb_mask, config.cliprange,
+                                                    config.dual_clip)
+                    pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator)
+                    entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator)
+                    (pg_loss - config.entropy_coef * entropy_mean).backward()
+                    _add(stats, {"policy_loss": pg_loss.item(), "entropy": entropy_mean.item()})
+                    _add(stats, {k: v.item() * weight for k, v in pg_stats.items()})
+                with autocast(config.dtype, device):
+                    values = token_values(critic, ids, attn)[:, p - 1:-1]
+                vf, vf_stats = core.value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device),
+                                               mb_mask, config.cliprange_value)
+                vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
+                (config.vf_coef * vf_loss).backward()
+                _add(stats, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
+            if train_actor and ptx is not None:
+                update_step = (iteration - config.critic_warmup_steps) * per_iteration + epoch * (B // config.mini_batch) + m
+                _add(stats, {"ptx_loss": _ptx_backward(actor, ptx, update_step, config, device)})
+            stepped = _optimizer_steps(models, config, optimizers, schedulers, train_actor, stats)
+            if stepped and train_actor and ema is not None:
+                ema.update(actor)
+            _add(sums, stats)
+    n_updates = config.ppo_epochs * (B // config.mini_batch)
+    return {k: v / n_updates for k, v in sums.items()}
+
+
+def _ptx_backward(actor, ptx, update_step: int, config: PPOConfig, device) -> float:
+    """Backward of ptx_coef * (token-mean LM loss) on this update step's PTX rows; returns that LM loss."""
+    examples, pad_id = ptx
+    size = config.ptx_batch_size or config.mini_batch
+    rows = [examples[i] for i in step_indices(len(examples), size, config.seed + 1, update_step)]
+    batches = [collate_lm(part, pad_id) for part in chunks(rows, config.micro)]
+    n_tokens = sum(b["num_items"] for b in batches)
+    total = 0.0
+    for batch in batches:
+        with autocast(config.dtype, device):
+            loss_sum, _ = sft_loss(actor, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        (config.ptx_coef * loss_sum / n_tokens).backward()
+        total += loss_sum.item()
+    return total / n_tokens
+
+
+def _optimizer_steps(models: Models, config: PPOConfig, optimizers, schedulers, train_actor: bool,
+                     stats: dict[str, float]) -> bool:
+    """Clip and step the critic and (unless warming up) the actor; skip both on a non-finite gradient."""
+    trained = [("critic", models.critic)] + ([("actor", models.actor)] if train_actor else [])
+    norms = {}
+    for name, model in trained:
+        params = [q for q in model.parameters() if q.grad is not None]
+        limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        norms[name] = torch.nn.utils.clip_grad_norm_(params, limit).item() if params else 0.0
+    finite = all(math.isfinite(n) for n in norms.values())
+    for name, model in trained:
+        if finite:
+            optimizers[name].step()
+        schedulers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+        stats[f"{name}_grad_norm"] = norms[name]
+        stats[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
+    models.actor.zero_grad(set_to_none=True)  # a warming-up actor still received no step: drop nothing stale
+    stats["skipped"] = float(not finite)
+    return finite
+
+
+def _add(into: dict[str, float], values: dict[str, float]) -> None:
+    for k, v in values.items():
+        into[k] = into.get(k, 0.0) + v
+
+
+class _PhaseTimer:
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.phases.items()} | {"time_iteration": self.total()}
+
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+class ActorEMA:
+    """An exponential moving average of the actor's trainable weights (DeepSpeed-Chat keeps one with 0.992)."""
+
+    def __init__(self, actor, decay: float):
+        self.decay = decay
+        self.shadow = trainable_state(actor)
+
+    @torch.no_grad()
+    def update(self, actor) -> None:
+        for name, param in actor.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+
+# -------------------------------------------------------------------------------------------------------- set-up
+def run_ppo(config: PPOConfig) -> Path:
+    """Train and write OUTPUT/final (the actor, Hugging Face format) and OUTPUT/final_critic."""
+    setup_logging()
+    reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None  # a broken function fails first
+    out, resume_from = start_run(config)
+
+    # Data before models, so that bad rows stop the run before anything loads.
+    prompts = _load(config.prompts, "prompt", config, out)
+    ptx_rows = _load(config.ptx_data, "text", config, out) if config.use_ptx else []
+    tokenizer = load_tokenizer(config.actor)
+    template = resolve_template(config.template, tokenizer)
+    stats = EncodeStats()
+    prompt_ids = [encode_prompt(p, tokenizer, template, config.max_prompt_len, stats) for p in prompts]
+    log.info(f"template {template}; prompts: {stats.rows}, {stats.truncated} cut to {config.max_prompt_len} tokens")
+    ptx = None
+    if ptx_rows:
+        encoded = [e for e in (encode_conversation(c, tokenizer, template, config.max_len, EncodeStats())
+                               for c in ptx_rows) if e]
+        ptx = (encoded, tokenizer.pad_token_id)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, reward_stats = _load_models(config, tokenizer, reward_fn, device)
+    iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))
+    updates = config.ppo_epochs * (config.batch_size // config.mini_batch)
+    optimizers = {"actor": make_optimizer(models.actor, config.lr, config.weight_decay),
+                  "critic": make_optimizer(models.critic, config.critic_lr, config.weight_decay)}
+    actor_steps = max(1, (iterations - config.critic_warmup_steps) * updates)
+    schedulers = {"actor": make_scheduler(optimizers["actor"], config.lr_schedule, config.warmup_steps, actor_steps),
+                  "critic": make_scheduler(optimizers["critic"], config.lr_schedule, config.warmup_steps,
+                                           iterations * updates)}
+    kl_ctl = core.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    moments = RunningMoments()
+    ema = ActorEMA(models.actor, config.ema_decay) if config.ema_decay > 0 else None
+    start = 0
+    if resume_from is not None:
+        weights, state = load_checkpoint(resume_from, optimizers=optimizers, schedulers=schedulers)
+        load_trainable_state(models.actor, weights["actor"])
+        load_trainable_state(models.critic, weights["critic"])
+        if ema is not None:
+            ema.shadow = weights["actor_ema"]
+        kl_ctl.value = state["kl_coef"]
+        moments = RunningMoments(**state["reward_moments"])
+        start = int(state["step"])
+        log.info(f"resumed from {resume_from} at iteration {start}")
+
+    def save(step: int) -> None:
+        weights = {"actor": trainable_state(models.actor), "critic": trainable_state(models.critic)}
+        if ema is not None:
+            weights["actor_ema"] = ema.shadow
+        save_checkpoint(out, step, weights=weights, optimizers=optimizers, schedulers=schedulers,
+                        state={"kl_coef": kl_ctl.value, "reward_moments": vars(moments)}, keep_last=config.keep_last)
+
+    logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project)
+    bad_in_a_row = 0
+    try:
+        for iteration in range(start, iterations):
+            metrics, samples = ppo_iteration(iteration, models, prompts, prompt_ids, tokenizer, config, kl_ctl,
+                                             moments, reward_stats, ptx, optimizers, schedulers, ema, device)
+            done = iteration + 1
+            bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+            if bad_in_a_row >= config.max_bad_steps:
+                raise TrainingError(f"{bad_in_a_row} iterations in a row with non-finite gradients at iteration "
+                                    f"{done}: lower the learning rates, check the reward, or use float32")
+            if done % config.log_every == 0 or done == iterations:
+                logger.log(done, "train", metrics)
+            logger.progress(done, {"score": metrics["score"], "kl": metrics["kl"], "len": metrics["response_length"]})
+            if config.sample_every and config.num_samples and (done % config.sample_every == 0 or done == iterations):
+                _write_samples(out, samples, logger)
+            if config.save_every and done % config.save_every == 0:
+                save(done)
+    finally:
+        logger.close()
+
+    final = save_model(models.actor, tokenizer, out / "final", merge_lora=config.lora_merge)
+    save_model(models.critic, tokenizer, out / "final_critic", merge_lora=config.lora_merge)
+    if ema is not None:
+        averaged = copy.deepcopy(models.actor)
+        load_trainable_state(averaged, ema.shadow)
+        save_model(averaged, tokenizer, out / "final_ema", merge_lora=config.lora_merge)
+    log.info(f"final actor: {final}; critic: {out / 'final_critic'}")
+    return final
+
+
+def _load(specs: list[str], kind: str, config: PPOConfig, out: Path) -> list:
+    loaded = load_examples(specs, kind, skip_invalid=config.skip_invalid, seed=config.seed)
+    for r in loaded.reports:
+        log.info(f"{kind} data {r.path}: {r.rows} rows, {r.invalid} invalid, {r.used} used")
+    if loaded.problems:
+        write_problems(loaded.problems, out / f"skipped_{kind}_rows.jsonl")
+        log.warning(f"skipped {len(loaded.problems)} invalid {kind} rows; reasons in {out}/skipped_{kind}_rows.jsonl")
+    if not loaded.examples:
+        raise ConfigError(f"{'prompts' if kind == 'prompt' else 'ptx_data'}: no valid rows")
+    return loaded.examples
+
+
+def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> tuple[Models, tuple[float, float] | None]:
+    """Actor (+LoRA), critic (+LoRA, head trainable), frozen reference and reward model; dropout off in all."""
+    kwargs = dict(attn_implementation=config.attn_implementation, seed=config.seed)
+    actor = load_causal_lm(config.actor, tokenizer, gradient_checkpointing=config.gradient_checkpointing, **kwargs)
+    actor = with_lora(actor, config, "CAUSAL_LM")
+
+    reward_tokenizer = load_tokenizer(config.reward) if config.reward else None
+    same = reward_tokenizer is not None and same_vocabulary(tokenizer, reward_tokenizer)
+    critic_path = config.critic or (config.reward if same else config.actor)
+    if config.critic and not same_vocabulary(tokenizer, load_tokenizer(config.critic)):
+        raise ConfigError(f"critic: {config.critic} has another vocabulary than the actor; the critic reads the "
+                          "actor's tokens, so it must share its tokenizer")
+    if not config.critic and config.reward and not same:
+        log.info("the reward model's tokenizer differs from the actor's: responses are re-tokenized for it, and the "
+                 "critic starts from the actor with a new value head")
+    critic = load_sequence_classifier(critic_path, tokenizer, gradient_checkpointing=config.gradient_checkpointing,
+                                      **kwargs)
+    critic = with_lora(critic, config, "SEQ_CLS")
+
+    ref = None
+    if config.ref or not is_peft(actor):
+        ref = load_causal_lm(config.ref or config.actor, tokenizer, **kwargs).requires_grad_(False).eval()
+    reward_stats = None
+    if reward_fn is not None:
+        scorer = FunctionScorer(reward_fn, tokenizer)
+    else:
+        # With a LoRA critic started from the reward model, the reward model is that critic with its adapter
+        # disabled: one copy of the weights.
+        shared = is_peft(critic) and critic_path == config.reward
+        reward_model = critic if shared else load_sequence_classifier(config.reward, reward_tokenizer, **kwargs)
+        if not shared:
+            reward_model.requires_grad_(False).eval()
+        scorer = RewardModelScorer(reward_model, reward_tokenizer, adapter_disabled=shared, same_tokenizer=same,
+                                   template=resolve_template(config.template, reward_tokenizer),
+                                   max_len=config.max_prompt_len + config.max_new_tokens + 8,
+                                   batch_size=config.micro)
+        stored = read_reward_stats(config.reward)
+        if config.reward_norm == "rm-stats" and stored is None:
+            raise ConfigError(f"reward_norm: rm-stats, but {config.reward} has no stored score statistics "
+                              "(reward_stats.json, written by `rlhfkit rm`)")
+        if stored is not None and config.reward_norm in ("auto", "rm-stats"):
+            reward_stats = (stored["mean"], stored["std"] or 1.0)
+            log.info(f"rewards normalised with the reward model's stored mean {reward_stats[0]:.4f}, "
+                     f"std {reward_stats[1]:.4f}")
+    for model in (actor, critic, ref, getattr(scorer, "model", None)):
+        if model is not None:
+            disable_dropout(model)
+            model.to(device)
+    return Models(actor, critic, ref, scorer), reward_stats
+
+
+def _write_samples(out: Path, samples: list[dict], logger: RunLogger) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")
+    table = Table(title=f"samples at iteration {samples[0]['step']}", show_lines=True)
+    for column in ("prompt", "response", "score"):
+        table.add_column(column, overflow="fold")
+    for row in samples:
+        table.add_row(row["prompt"][-200:], row["response"][:300], f"{row['score']:.3f}")
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, markup=False).print(table)
+    logger.write(buffer.getvalue().rstrip())
