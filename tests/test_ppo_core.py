@@ -430,3 +430,18 @@ def test_kl_controller_updates_compound_and_skip_non_finite():
     ctl.update(float("inf"), 100)
     ctl.update(12.0, 100)
     assert ctl.value == pytest.approx(0.1 * 1.002 * 1.002, rel=1e-12, abs=0)
+
+
+def test_masked_positions_cannot_put_nan_into_gradients():
+    """A log ratio that overflows exp() (or a non-finite value) at a masked position leaves the gradient finite."""
+    mask = torch.tensor([[True, False]])
+    logp = torch.tensor([[-1.1, -5.0]], requires_grad=True)
+    loss, _ = core.policy_loss(logp, torch.tensor([[-1.0, -100.0]]), torch.tensor([[0.5, 0.0]]), mask, 0.2)
+    core.aggregate(loss, mask).backward()
+    # d/dlogp of -A * ratio at the valid token (ratio exp(-0.1) is inside the clip range): -0.5 * exp(-0.1).
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 * math.exp(-0.1), 0.0]]), atol=1e-6, rtol=0)
+    values = torch.tensor([[1.9, float("inf")]], requires_grad=True)
+    vf, _ = core.value_loss(values, torch.tensor([[2.0, 0.0]]), torch.tensor([[2.5, 0.0]]), mask, 0.2)
+    core.aggregate(vf, mask).backward()
+    # Unclipped term wins ((1.9-2.5)^2 = 0.36 vs (1.9-2.5)^2 clipped the same): d/dv of 0.5 (v-G)^2 = v - G = -0.6.
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.6, 0.0]]), atol=1e-6, rtol=0)

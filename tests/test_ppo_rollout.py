@@ -182,7 +182,7 @@ def test_generate_cuts_after_eos_and_stop_strings(tokenizer):
     words = tokenizer(" blue green yellow purple red blue", add_special_tokens=False)["input_ids"]
     R = len(stop)
     raw = torch.tensor([stop,
-                        words[:3] + [eos] + words[3:3 + R - 4],  # EOS, then tokens a batch-mate kept generating
+                        words[:3] + [eos] + (words * 3)[3:R - 1],  # EOS, then tokens a batch-mate kept generating
                         (words * 3)[:R]])  # neither: cut off by max_new_tokens
     prompts = [tokenizer(t)["input_ids"] for t in PROMPT_TEXTS]
     actor = ScriptedActor(raw)
@@ -215,7 +215,7 @@ def test_generate_cuts_after_eos_and_stop_strings(tokenizer):
 
 
 def eos_biased_llama(tiny_models, tokenizer, bias: float):
-    """The tiny Llama with an lm_head bias that makes EOS likely at each step (about 15% for bias 4)."""
+    """The tiny Llama with an lm_head bias that makes EOS likely at each step (about 1 in 6 for bias 3)."""
     model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
     head = model.lm_head
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
@@ -239,14 +239,14 @@ def check_rollout_layout(rollout: Rollout, prompts, tokenizer, max_new_tokens: i
     assert torch.equal(mask, torch.arange(R).unsqueeze(0) < lengths.unsqueeze(1))  # ones, then zeros
     assert (rollout.responses[~mask] == pad).all()
     for row, n in zip(rollout.responses.tolist(), lengths.tolist()):
-        assert pad not in row[:n] and eos not in row[:n - 1]  # a valid response holds no pad and EOS only at its end
+        assert n >= 1 and eos not in row[:n - 1]  # EOS only as a valid response's last token
     if not rollout.stopped.all():
         assert R == max_new_tokens
     assert (lengths[~rollout.stopped] == R).all()  # a response that never stopped ran to max_new_tokens
 
 
 def test_generate_end_to_end_eos(tokenizer, tiny_models):
-    model = eos_biased_llama(tiny_models, tokenizer, bias=4.0)
+    model = eos_biased_llama(tiny_models, tokenizer, bias=3.0)
     prompts = [tokenizer(t)["input_ids"] for t in PROMPT_TEXTS] * 3
     torch.manual_seed(0)
     rollout = generate(model, prompts, tokenizer, Sampling(max_new_tokens=8))
@@ -366,7 +366,7 @@ def test_lora_critic_with_adapter_disabled_is_the_reward_model(arch, tokenizer, 
         critic_scores = last_token_scores(critic, input_ids, attention_mask)
         with critic.disable_adapter():
             disabled = last_token_scores(critic, input_ids, attention_mask)
-            # Only the score head restored (adapters still on) would not do, nor only the adapters (new head):
+        # Both the adapters and the score head's trainable copy were perturbed: equality needs peft to restore both.
         torch.testing.assert_close(disabled, expected, atol=1e-6, rtol=0)
         assert (critic_scores - expected).abs().min() > 1e-3
         # The scorer that PPO builds for this case: the same numbers, in micro-batches of 2.
@@ -526,9 +526,8 @@ def test_call_reward_fn_rejects_bad_returns(result, message):
         return result
 
     examples = [PromptExample(prompt=[Message("user", "q")], raw=False)] * 2
-    with pytest.raises(ValueError, match=f"reward function .*judge.*{message}") as info:
+    with pytest.raises(ValueError, match=f"reward function .*judge.*{message}"):
         call_reward_fn(judge, ["p", "p"], ["a", "b"], examples)
-    assert not isinstance(info.value, ConfigError) or True
 
 
 def test_function_scorer_sees_decoded_prompts(tokenizer):

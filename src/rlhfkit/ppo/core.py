@@ -148,7 +148,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     stats (scalars over valid tokens): clipfrac = share of tokens where the clipped term was the larger one (its
     gradient is zero there), approx_kl = mean of (log ratio)^2 / 2, ratio = mean ratio.
     """
-    log_ratio = logprobs - old_logprobs
+    # Masked positions get ratio 1: their loss is dropped later, but an overflowing exp there would still put
+    # 0 * inf = nan into the gradient.
+    log_ratio = torch.where(response_mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
@@ -169,6 +171,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2) / 2: the critic cannot move further than c from
     the values that made the advantages in one round. stats: vf_clipfrac = share of tokens where the clipped term won.
     """
+    values = torch.where(response_mask, values, returns)  # masked positions: zero loss and a finite zero gradient
     clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
