@@ -4,7 +4,6 @@ of scores. Every number is compared with the same model run on the sequence alon
 
 from __future__ import annotations
 
-import math
 import sys
 
 import pytest
@@ -22,9 +21,8 @@ from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMomen
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
 
 pytestmark = [
-    # peft warns that GPT-2's Conv1D layers need fan_in_fan_out (it sets it itself).
-    pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning:peft"),
+    # peft warns that GPT-2's Conv1D layers need fan_in_fan_out (and sets it itself).
+    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
 ]
 
 ARCHS = ("llama", "gpt2", "opt")
@@ -162,6 +160,17 @@ def test_stop_string_ends_marks_the_completing_token(tokenizer):
     assert tokenizer.decode(ids[:int(both[0].nonzero()) + 1]) == "Item 3 is red"
 
 
+def test_stop_string_ends_reads_the_prompt_tail(tokenizer):
+    """A stop string completed in the response counts even when it began in the prompt; one that lies wholly in the
+    prompt does not."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    responses = torch.tensor([enc(": hi")[:2], enc(": hi")[:2]])
+    prompts = [enc("Item 3 is red. Human"), enc("Item 3 is red. Human:")]
+    marks = stop_string_ends(responses, tokenizer, ("Human:",), prompts)
+    assert marks.tolist() == [[True, False], [False, False]]
+    assert not stop_string_ends(responses, tokenizer, ("Human:",)).any()  # without the prompt: no stop at all
+
+
 class ScriptedActor(torch.nn.Module):
     """An actor whose generate returns fixed responses (what Hugging Face would return), recording its arguments."""
 
@@ -275,6 +284,23 @@ def test_generate_end_to_end_stop_string(tokenizer, tiny_models):
         assert stopped == (ends_with_eos or stop in tokenizer.decode(valid))
         by_string += stopped and not ends_with_eos
     assert by_string > 0
+
+
+def test_generate_stop_string_across_the_prompt_boundary(tokenizer, tiny_models):
+    """A stop string begun in the prompt and finished in the response stops the row, as it stops generate."""
+    model = eos_biased_llama(tiny_models, tokenizer, bias=0.0)
+    colon = tokenizer(":", add_special_tokens=False)["input_ids"]
+    assert len(colon) == 1
+    with torch.no_grad():
+        model.lm_head.bias[colon[0]] = 50.0  # the model always writes ':'
+    prompts = [tokenizer("Item 3 is red. Human")["input_ids"], tokenizer("Item 3 is red.")["input_ids"]]
+    torch.manual_seed(0)
+    rollout = generate(model, prompts, tokenizer, Sampling(max_new_tokens=6, stop_strings=("Human:",)))
+    # Row 0 reads "... Human" + ":": generation stopped after one token (Hugging Face padded the rest).
+    assert rollout.responses[0, 0].item() == colon[0]
+    assert (rollout.responses[0, 1:] == tokenizer.pad_token_id).all()
+    assert rollout.response_mask[0].tolist() == [True] + [False] * 5
+    assert rollout.stopped.tolist() == [True, False]
 
 
 # --------------------------------------------------------------------------------------------------- reward shaping
@@ -398,6 +424,16 @@ def test_same_vocabulary(tokenizer, tokenizer_dir, other_reward_model):
     assert not same_vocabulary(tokenizer, rm_tokenizer)
     assert not same_vocabulary(rm_tokenizer, tokenizer)
     assert same_vocabulary(tokenizer, load_tokenizer(str(tokenizer_dir)))
+    # Same EOS and pad ids, one token more: another vocabulary.
+    grown = load_tokenizer(str(tokenizer_dir))
+    grown.add_tokens(["<extra_token>"])
+    assert (grown.eos_token_id, grown.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert not same_vocabulary(tokenizer, grown)
+    # Same vocabulary, another pad token: the ids would be read differently.
+    repadded = load_tokenizer(str(tokenizer_dir))
+    repadded.pad_token = repadded.bos_token
+    assert repadded.get_vocab() == tokenizer.get_vocab() and repadded.pad_token_id != tokenizer.pad_token_id
+    assert not same_vocabulary(tokenizer, repadded)
 
 
 def test_retokenize_for_another_reward_model(tokenizer, other_reward_model):
@@ -453,7 +489,17 @@ def test_retokenize_keeps_bos_when_truncating(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ reward functions
-def test_load_reward_fn_from_file_and_module(tmp_path, monkeypatch):
+@pytest.fixture
+def forget_new_modules():
+    """Drop the modules a test imported (reward files, test modules), so nothing leaks into other tests."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("rlhfkit_reward_", "rlhfkit_test_")):
+            del sys.modules[name]
+
+
+def test_load_reward_fn_from_file_and_module(tmp_path, monkeypatch, forget_new_modules):
     file = tmp_path / "my_rewards.py"
     file.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     fn = load_reward_fn(f"{file}:length")
@@ -462,13 +508,11 @@ def test_load_reward_fn_from_file_and_module(tmp_path, monkeypatch):
     package.mkdir()
     (package / "rlhfkit_test_reward_module.py").write_text("def one(prompts, responses):\n    return [1.0]\n")
     monkeypatch.syspath_prepend(str(package))
-    monkeypatch.delitem(sys.modules, "rlhfkit_test_reward_module", raising=False)
     fn = load_reward_fn("rlhfkit_test_reward_module:one")
     assert fn([], []) == [1.0]
-    sys.modules.pop("rlhfkit_test_reward_module", None)
 
 
-def test_load_reward_fn_errors_name_the_problem(tmp_path):
+def test_load_reward_fn_errors_name_the_problem(tmp_path, monkeypatch, forget_new_modules):
     file = tmp_path / "rewards_ok.py"
     file.write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\nNOT_A_FUNCTION = 3\n")
     broken = tmp_path / "rewards_broken.py"
@@ -483,6 +527,10 @@ def test_load_reward_fn_errors_name_the_problem(tmp_path):
         load_reward_fn(f"{broken}:score")
     with pytest.raises(ConfigError, match="importing rlhfkit_no_such_module_xyz failed: ModuleNotFoundError"):
         load_reward_fn("rlhfkit_no_such_module_xyz:score")
+    (tmp_path / "rlhfkit_test_broken_module.py").write_text("import json\njson.loads('{')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="importing rlhfkit_test_broken_module failed: JSONDecodeError"):
+        load_reward_fn("rlhfkit_test_broken_module:score")
     for spec in ("rewards.py", "just_a_name", f"{file}:", ":score"):
         with pytest.raises(ConfigError, match="expected module:function or path/to/file.py:function"):
             load_reward_fn(spec)

@@ -74,23 +74,36 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
     responses = out[:, prompt_ids.shape[1]:]
     is_stop = responses == eos_id
     if sampling.stop_strings:
-        is_stop |= stop_string_ends(responses, tokenizer, sampling.stop_strings)
+        is_stop |= stop_string_ends(responses, tokenizer, sampling.stop_strings, prompts)
     responses, response_mask, stopped = truncate_after_stop(responses, is_stop, pad_id)
     return Rollout(input_ids=torch.cat([prompt_ids, responses], 1),
                    attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
                    prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped)
 
 
-def stop_string_ends(responses: torch.Tensor, tokenizer, stop_strings: tuple[str, ...]) -> torch.Tensor:
-    """(B, R) bool: True at the token whose text completes the first stop string of each response."""
+def stop_string_ends(responses: torch.Tensor, tokenizer, stop_strings: tuple[str, ...],
+                     prompts: list[list[int]] | None = None) -> torch.Tensor:
+    """(B, R) bool: True at the token whose text completes the first stop string of each response.
+
+    A stop string may begin in the prompt's last tokens (a prompt ending in "\n" and the stop string "\nUser:"), as
+    generate sees it; only an occurrence that ends inside the response counts.
+    """
     marks = torch.zeros_like(responses, dtype=torch.bool)
+    longest = max(len(s) for s in stop_strings)
     for row, ids in enumerate(responses.tolist()):
-        if not any(s in tokenizer.decode(ids) for s in stop_strings):
+        tail = prompts[row][len(prompts[row]) - (longest - 1):] if prompts and longest > 1 else []
+        tail_chars = len(tokenizer.decode(tail))
+
+        def completed(k: int) -> bool:
+            text = tokenizer.decode(tail + ids[:k])
+            return any(text.find(s, max(0, tail_chars - len(s) + 1)) >= 0 for s in stop_strings)
+
+        if not completed(len(ids)):
             continue
-        low, high = 1, len(ids)  # the shortest prefix whose text holds a stop string (containment only grows)
+        low, high = 1, len(ids)  # the shortest response prefix that completes a stop string (monotone in k)
         while low < high:
             mid = (low + high) // 2
-            if any(s in tokenizer.decode(ids[:mid]) for s in stop_strings):
+            if completed(mid):
                 high = mid
             else:
                 low = mid + 1

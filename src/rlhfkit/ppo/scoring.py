@@ -123,8 +123,13 @@ class RewardModelScorer:
             if not ended and encoded.input_ids[-1] == eos:  # it was cut off: the reward model must not see an end
                 encoded.input_ids.pop()
                 encoded.loss_mask.pop()
-            cut, _ = truncate(encoded, self.max_len, keep_start=len(bos_ids(self.tokenizer)))
-            sequences.append((cut or encoded).input_ids[-self.max_len:])
+            keep = len(bos_ids(self.tokenizer))
+            cut, _ = truncate(encoded, self.max_len, keep_start=keep)
+            if cut is None:  # the response alone is too long: keep BOS and the response's end
+                ids = encoded.input_ids
+                sequences.append(ids[:keep] + ids[len(ids) - (self.max_len - keep):])
+            else:
+                sequences.append(cut.input_ids)
         return pad_right(sequences, self.tokenizer.pad_token_id)
 
 
