@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
-from pathlib import Path
 
 import torch
-from train_throughput import sentence  # the same synthetic word list
+from train_throughput import base_model, fresh_dir, sentence  # the same model and word list
 
 from rlhfkit.config import make_config
 from rlhfkit.models import load_sequence_classifier, load_tokenizer, save_model
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
-from rlhfkit.tiny import make_tiny_model, train_tokenizer
 
 PHASES = ("time_generate", "time_score", "time_experience", "time_train", "time_iteration")
 
@@ -38,14 +35,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-ppo")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_dir(args.out)
     rng = random.Random(0)
     prompts = [{"prompt": f"\n\nHuman: {sentence(rng, 40)}\n\nAssistant:"} for _ in range(256)]
     (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    tokenizer = train_tokenizer([sentence(rng, 50) for _ in range(2000)], out / "base", vocab_size=2048)
-    base = make_tiny_model("llama", tokenizer, out / "base", hidden=256, layers=4, heads=4, ffn=1024)
+    base = base_model(out, rng)
     tok = load_tokenizer(str(base))
     reward = save_model(load_sequence_classifier(str(base), tok), tok, out / "rm")
     n_params = sum(p.numel() for p in load_sequence_classifier(str(base), tok).parameters())

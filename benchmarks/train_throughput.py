@@ -43,6 +43,19 @@ def make_data(out: Path, rng: random.Random, rows: int) -> tuple[Path, Path]:
     return out / "sft.jsonl", out / "pairs.jsonl"
 
 
+def fresh_dir(path: str) -> Path:
+    out = Path(path)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
+
+
+def base_model(out: Path, rng: random.Random) -> Path:
+    """The benchmark model: a BPE tokenizer on the word list and a Llama, hidden 256, 4 layers, FFN 1024."""
+    tokenizer = train_tokenizer([sentence(rng, 50) for _ in range(2000)], out / "base", vocab_size=2048)
+    return make_tiny_model("llama", tokenizer, out / "base", hidden=256, layers=4, heads=4, ffn=1024)
+
+
 def median_rates(run_dir: Path) -> tuple[float, float, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"][2:]
@@ -57,15 +70,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-train")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_dir(args.out)
     rng = random.Random(0)
     sft_data, pair_data = make_data(out, rng, 256)
-    tokenizer = train_tokenizer([sentence(rng, 50) for _ in range(2000)], out / "base", vocab_size=2048)
-    base = make_tiny_model("llama", tokenizer, out / "base", hidden=256, layers=4, heads=4, ffn=1024)
+    base = base_model(out, rng)
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters())
-    print(f"model: Llama hidden 256, 4 layers, FFN 1024, vocab {len(tokenizer)}: {n_params / 1e6:.2f}M parameters; "
+    print(f"model: Llama hidden 256, 4 layers, FFN 1024: {n_params / 1e6:.2f}M parameters; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     common = {"model": str(base), "max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4,
               "eval_split": 0.0, "save_every": 0, "max_len": 256}

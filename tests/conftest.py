@@ -51,6 +51,18 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
             ("llama", "gpt2", "opt")}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one CPU thread (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():

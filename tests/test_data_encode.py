@@ -11,7 +11,7 @@ import torch
 
 from rlhfkit.data.batching import _permutation, chunks, pad_right, step_indices
 from rlhfkit.data.encode import (EncodeStats, bos_ids, encode_conversation, encode_pair, encode_prompt,
-                                 tokenize_segments, truncate)
+                                 truncate)
 from rlhfkit.data.formats import Conversation, Message, PreferencePair, PromptExample, normalise_sft
 from rlhfkit.data.readers import Source
 from rlhfkit.data.templates import Segment, render, resolve_template

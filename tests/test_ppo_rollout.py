@@ -21,6 +21,7 @@ from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMomen
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     # peft warns that GPT-2's Conv1D layers need fan_in_fan_out (and sets it itself).
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning"),
 ]
@@ -29,13 +30,6 @@ ARCHS = ("llama", "gpt2", "opt")
 TEMPERATURE = 0.7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one CPU thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

@@ -27,6 +27,7 @@ from rlhfkit.training.loop import TrainingError, fit, train_step
 from rlhfkit.training.metrics import RunLogger
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     # A skipped first step steps the schedule without the optimizer, as intended (the schedule follows the step count).
     pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning"),
     # peft saves the grown embeddings with an adapter-only model: expected after adding the pad token.
@@ -34,13 +35,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one CPU thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
