@@ -106,9 +106,33 @@ def test_adaptive_kl_moves_beta_towards_target(tiny_models, files, tmp_path):
     out = tmp_path / "adaptive"
     run_ppo(ppo_config(tiny_models["llama"], files, out, max_steps=3, kl_target=100.0, kl_horizon=100))
     rows = records(out)
+    # The reference is the actor's starting point: no KL before the first update. With one epoch over one minibatch
+    # every update starts from the rollout's own policy: the ratio is 1 and nothing is clipped (dropout is off).
+    assert rows[0]["kl"] == 0.0
+    for r in rows:
+        assert r["ratio"] == pytest.approx(1.0, abs=1e-6) and r["clipfrac"] == 0.0
     # KL far below the target: each iteration multiplies beta by 1 - 0.2 * 8 / 100.
     for before, after in zip(rows, rows[1:]):
         assert after["beta"] == pytest.approx(before["beta"] * (1 - 0.2 * 8 / 100), rel=1e-12)
+
+
+def test_reward_model_with_another_tokenizer(tiny_models, files, tmp_path):
+    """The reward model reads re-tokenized text; the critic, which reads the actor's tokens, starts from the actor.
+    Also runs the LoRA actor with gradient checkpointing."""
+    from rlhfkit.tiny import make_tiny_model, train_tokenizer
+    from conftest import corpus
+
+    other_tok = train_tokenizer(corpus()[::2], tmp_path / "other", vocab_size=300, bos=False)
+    other = make_tiny_model("gpt2", other_tok, tmp_path / "other", hidden=32, layers=2, heads=4)
+    reward = save_model(load_sequence_classifier(str(other), load_tokenizer(str(other))), load_tokenizer(str(other)),
+                        tmp_path / "rm-other")
+    out = tmp_path / "ppo"
+    run_ppo(ppo_config(tiny_models["llama"], files, out, max_steps=2, reward=str(reward), reward_fn="", lora_r=4,
+                       gradient_checkpointing=True))
+    rows = records(out)
+    assert len(rows) == 2 and all(math.isfinite(r["score"]) and r["score_std"] > 0 for r in rows)
+    critic = weights(out / "final_critic")
+    assert critic["score.weight"].shape[1] == 32 and "model.layers.0.mlp.up_proj.weight" in critic  # a Llama critic
 
 
 # --------------------------------------------------------------------------------------------------------------- PTX

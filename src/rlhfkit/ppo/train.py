@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit.config import ConfigError
 from rlhfkit.data.batching import chunks, step_indices
-from rlhfkit.data.encode import EncodeStats, encode_conversation, encode_prompt
+from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encode_prompt
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
@@ -63,6 +63,7 @@ class Models:
     critic: torch.nn.Module
     ref: torch.nn.Module | None
     scorer: RewardModelScorer | FunctionScorer
+    reward_stats: tuple[float, float] | None  # the reward model's stored (mean, std), when rm-stats/auto uses them
 
     @property
     def frozen(self) -> list[torch.nn.Module]:
@@ -72,18 +73,35 @@ class Models:
         return [m for m in (self.ref, rm) if m is not None]
 
 
+@dataclass
+class Data:
+    prompts: list[PromptExample]
+    prompt_ids: list[list[int]]  # each prompt rendered and tokenized, ending with the assistant header
+    ptx: list[Encoded]  # pretraining rows (empty without PTX)
+    pad_id: int
+
+
+@dataclass
+class TrainState:
+    """What the run changes besides the weights; all of it goes into checkpoints."""
+    optimizers: dict[str, torch.optim.Optimizer]  # "actor", "critic"
+    schedulers: dict[str, object]
+    kl_ctl: core.AdaptiveKLController
+    moments: RunningMoments
+    ema: ActorEMA | None
+
+
 # ------------------------------------------------------------------------------------------------- the iteration
-def ppo_iteration(iteration: int, models: Models, prompts: list[PromptExample], prompt_ids: list[list[int]],
-                  tokenizer, config: PPOConfig, kl_ctl: core.AdaptiveKLController, moments: RunningMoments,
-                  reward_stats: tuple[float, float] | None, ptx, optimizers, schedulers, ema, device
-                  ) -> tuple[dict[str, float], list[dict]]:
+def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data, state: TrainState, tokenizer,
+                  device: torch.device) -> tuple[dict[str, float], list[dict]]:
     """One PPO iteration; returns (metrics, sample rows)."""
+    prompt_ids = data.prompt_ids
     timer = _PhaseTimer()
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                         tuple(config.stop_strings))
     # 1. Rollout: the iteration's prompts (a function of seed and iteration), left-padded; the actor samples.
-    indices = step_indices(len(prompts), config.batch_size, config.seed, iteration)
-    batch_prompts = [prompts[i] for i in indices]
+    indices = step_indices(len(data.prompts), config.batch_size, config.seed, iteration)
+    batch_prompts = [data.prompts[i] for i in indices]
     with timer("generate"), autocast(config.dtype, device):
         rollout = generate(models.actor, [prompt_ids[i] for i in indices], tokenizer, sampling)
     response_texts = tokenizer.batch_decode(rollout.responses.masked_fill(~rollout.response_mask,
@@ -94,10 +112,10 @@ def ppo_iteration(iteration: int, models: Models, prompts: list[PromptExample], 
         _place(models.frozen, device, config)
         scores = models.scorer(rollout, batch_prompts, response_texts)
     if config.reward_norm == "running":
-        moments.update(scores)
-        mean, std = moments.mean, moments.std
+        state.moments.update(scores)
+        mean, std = state.moments.mean, state.moments.std
     else:
-        mean, std = reward_stats or (0.0, 1.0)  # set for rm-stats (and auto) when the reward model stored them
+        mean, std = models.reward_stats or (0.0, 1.0)  # set for rm-stats (and auto) when the reward model stored them
     shaped = shape_scores(scores, rollout.stopped, mean=mean, std=std, missing_eos_penalty=config.missing_eos_penalty,
                           missing_eos_score=config.missing_eos_score, clip=config.reward_clip)
     # 3. Log-probs of the sampled tokens (actor and reference, at the sampling temperature) and the critic's values.
@@ -107,7 +125,7 @@ def ppo_iteration(iteration: int, models: Models, prompts: list[PromptExample], 
     mask = rollout.response_mask
     # 4. Per-token rewards: -beta * KL estimate at every token, plus the shaped score at the last one.
     kl = core.kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator)
-    rewards = core.per_token_rewards(shaped, kl, kl_ctl.value, mask)
+    rewards = core.per_token_rewards(shaped, kl, state.kl_ctl.value, mask)
     # 5. GAE over valid tokens; returns = advantages + values; advantages whitened over valid tokens.
     advantages, returns = core.gae(old_values, rewards, mask, config.gamma, config.lam)
     if config.whiten_advantages:
@@ -116,12 +134,12 @@ def ppo_iteration(iteration: int, models: Models, prompts: list[PromptExample], 
     # 6. Update: ppo_epochs over shuffled minibatches; clipped policy loss (+ PTX) for the actor, clipped value loss
     #    for the critic.
     with timer("train"):
-        train_metrics = ppo_update(iteration, experience, models, config, ptx, optimizers, schedulers, ema, device)
+        train_metrics = ppo_update(iteration, experience, config, models, data, state, device)
 
     # The KL controller sees this batch's mean per-sequence KL (k1, whatever estimator shapes the reward).
     sequence_kl = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
-    beta = kl_ctl.value
-    kl_ctl.update(sequence_kl.mean().item(), config.batch_size)
+    beta = state.kl_ctl.value
+    state.kl_ctl.update(sequence_kl.mean().item(), config.batch_size)
     n_tokens = int(mask.sum())
     metrics = {
         "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -169,8 +187,8 @@ def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfi
 
 
 # --------------------------------------------------------------------------------------------------------- step 6
-def ppo_update(iteration: int, exp: Experience, models: Models, config: PPOConfig, ptx, optimizers, schedulers,
-               ema, device) -> dict[str, float]:
+def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Models, data: Data, state: TrainState,
+               device: torch.device) -> dict[str, float]:
     """`ppo_epochs` passes over the experience in shuffled minibatches: one optimizer step per minibatch for the
     actor (unless the critic is still warming up) and the critic, micro-batches accumulating exactly."""
     actor, critic = models.actor, models.critic
@@ -212,23 +230,22 @@ def ppo_update(iteration: int, exp: Experience, models: Models, config: PPOConfi
                 vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
                 (config.vf_coef * vf_loss).backward()
                 _add(stats, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
-            if train_actor and ptx is not None:
+            if train_actor and data.ptx:
                 update_step = (iteration - config.critic_warmup_steps) * per_iteration + epoch * (B // config.mini_batch) + m
-                _add(stats, {"ptx_loss": _ptx_backward(actor, ptx, update_step, config, device)})
-            stepped = _optimizer_steps(models, config, optimizers, schedulers, train_actor, stats)
-            if stepped and train_actor and ema is not None:
-                ema.update(actor)
+                _add(stats, {"ptx_loss": _ptx_backward(actor, data, update_step, config, device)})
+            stepped = _optimizer_steps(models, config, state, train_actor, stats)
+            if stepped and train_actor and state.ema is not None:
+                state.ema.update(actor)
             _add(sums, stats)
     n_updates = config.ppo_epochs * (B // config.mini_batch)
     return {k: v / n_updates for k, v in sums.items()}
 
 
-def _ptx_backward(actor, ptx, update_step: int, config: PPOConfig, device) -> float:
+def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, device) -> float:
     """Backward of ptx_coef * (token-mean LM loss) on this update step's PTX rows; returns that LM loss."""
-    examples, pad_id = ptx
     size = config.ptx_batch_size or config.mini_batch
-    rows = [examples[i] for i in step_indices(len(examples), size, config.seed + 1, update_step)]
-    batches = [collate_lm(part, pad_id) for part in chunks(rows, config.micro)]
+    rows = [data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)]
+    batches = [collate_lm(part, data.pad_id) for part in chunks(rows, config.micro)]
     n_tokens = sum(b["num_items"] for b in batches)
     total = 0.0
     for batch in batches:
@@ -239,7 +256,7 @@ def _ptx_backward(actor, ptx, update_step: int, config: PPOConfig, device) -> fl
     return total / n_tokens
 
 
-def _optimizer_steps(models: Models, config: PPOConfig, optimizers, schedulers, train_actor: bool,
+def _optimizer_steps(models: Models, config: PPOConfig, state: TrainState, train_actor: bool,
                      stats: dict[str, float]) -> bool:
     """Clip and step the critic and (unless warming up) the actor; skip both on a non-finite gradient."""
     trained = [("critic", models.critic)] + ([("actor", models.actor)] if train_actor else [])
@@ -251,11 +268,11 @@ def _optimizer_steps(models: Models, config: PPOConfig, optimizers, schedulers, 
     finite = all(math.isfinite(n) for n in norms.values())
     for name, model in trained:
         if finite:
-            optimizers[name].step()
-        schedulers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
+            state.optimizers[name].step()
+        state.schedulers[name].step()
+        state.optimizers[name].zero_grad(set_to_none=True)
         stats[f"{name}_grad_norm"] = norms[name]
-        stats[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
+        stats[f"{name}_lr"] = state.schedulers[name].get_last_lr()[0]
     models.actor.zero_grad(set_to_none=True)  # a warming-up actor still received no step: drop nothing stale
     stats["skipped"] = float(not finite)
     return finite
@@ -312,50 +329,21 @@ def run_ppo(config: PPOConfig) -> Path:
     stats = EncodeStats()
     prompt_ids = [encode_prompt(p, tokenizer, template, config.max_prompt_len, stats) for p in prompts]
     log.info(f"template {template}; prompts: {stats.rows}, {stats.truncated} cut to {config.max_prompt_len} tokens")
-    ptx = None
-    if ptx_rows:
-        encoded = [e for e in (encode_conversation(c, tokenizer, template, config.max_len, EncodeStats())
-                               for c in ptx_rows) if e]
-        ptx = (encoded, tokenizer.pad_token_id)
+    ptx = [e for e in (encode_conversation(c, tokenizer, template, config.max_len, EncodeStats()) for c in ptx_rows)
+           if e]
+    data = Data(prompts, prompt_ids, ptx, tokenizer.pad_token_id)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models, reward_stats = _load_models(config, tokenizer, reward_fn, device)
+    models = _load_models(config, tokenizer, reward_fn, device)
     iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))
-    updates = config.ppo_epochs * (config.batch_size // config.mini_batch)
-    optimizers = {"actor": make_optimizer(models.actor, config.lr, config.weight_decay),
-                  "critic": make_optimizer(models.critic, config.critic_lr, config.weight_decay)}
-    actor_steps = max(1, (iterations - config.critic_warmup_steps) * updates)
-    schedulers = {"actor": make_scheduler(optimizers["actor"], config.lr_schedule, config.warmup_steps, actor_steps),
-                  "critic": make_scheduler(optimizers["critic"], config.lr_schedule, config.warmup_steps,
-                                           iterations * updates)}
-    kl_ctl = core.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    moments = RunningMoments()
-    ema = ActorEMA(models.actor, config.ema_decay) if config.ema_decay > 0 else None
-    start = 0
-    if resume_from is not None:
-        weights, state = load_checkpoint(resume_from, optimizers=optimizers, schedulers=schedulers)
-        load_trainable_state(models.actor, weights["actor"])
-        load_trainable_state(models.critic, weights["critic"])
-        if ema is not None:
-            ema.shadow = weights["actor_ema"]
-        kl_ctl.value = state["kl_coef"]
-        moments = RunningMoments(**state["reward_moments"])
-        start = int(state["step"])
-        log.info(f"resumed from {resume_from} at iteration {start}")
-
-    def save(step: int) -> None:
-        weights = {"actor": trainable_state(models.actor), "critic": trainable_state(models.critic)}
-        if ema is not None:
-            weights["actor_ema"] = ema.shadow
-        save_checkpoint(out, step, weights=weights, optimizers=optimizers, schedulers=schedulers,
-                        state={"kl_coef": kl_ctl.value, "reward_moments": vars(moments)}, keep_last=config.keep_last)
+    state = _train_state(config, models, iterations)
+    start = _resume(resume_from, models, state) if resume_from is not None else 0
 
     logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project)
     bad_in_a_row = 0
     try:
         for iteration in range(start, iterations):
-            metrics, samples = ppo_iteration(iteration, models, prompts, prompt_ids, tokenizer, config, kl_ctl,
-                                             moments, reward_stats, ptx, optimizers, schedulers, ema, device)
+            metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, device)
             done = iteration + 1
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
             if bad_in_a_row >= config.max_bad_steps:
@@ -367,18 +355,54 @@ def run_ppo(config: PPOConfig) -> Path:
             if config.sample_every and config.num_samples and (done % config.sample_every == 0 or done == iterations):
                 _write_samples(out, samples, logger)
             if config.save_every and done % config.save_every == 0:
-                save(done)
+                _save(out, done, models, state, config.keep_last)
     finally:
         logger.close()
 
     final = save_model(models.actor, tokenizer, out / "final", merge_lora=config.lora_merge)
     save_model(models.critic, tokenizer, out / "final_critic", merge_lora=config.lora_merge)
-    if ema is not None:
+    if state.ema is not None:
         averaged = copy.deepcopy(models.actor)
-        load_trainable_state(averaged, ema.shadow)
+        load_trainable_state(averaged, state.ema.shadow)
         save_model(averaged, tokenizer, out / "final_ema", merge_lora=config.lora_merge)
     log.info(f"final actor: {final}; critic: {out / 'final_critic'}")
     return final
+
+
+def _train_state(config: PPOConfig, models: Models, iterations: int) -> TrainState:
+    """Separate AdamW and schedules for actor and critic (stepped per minibatch), the KL controller, the running
+    reward statistics and the optional EMA."""
+    updates = config.ppo_epochs * (config.batch_size // config.mini_batch)
+    optimizers = {"actor": make_optimizer(models.actor, config.lr, config.weight_decay),
+                  "critic": make_optimizer(models.critic, config.critic_lr, config.weight_decay)}
+    actor_steps = max(1, (iterations - config.critic_warmup_steps) * updates)
+    schedulers = {"actor": make_scheduler(optimizers["actor"], config.lr_schedule, config.warmup_steps, actor_steps),
+                  "critic": make_scheduler(optimizers["critic"], config.lr_schedule, config.warmup_steps,
+                                           iterations * updates)}
+    return TrainState(optimizers, schedulers, core.AdaptiveKLController(config.kl_coef, config.kl_target,
+                                                                        config.kl_horizon),
+                      RunningMoments(), ActorEMA(models.actor, config.ema_decay) if config.ema_decay > 0 else None)
+
+
+def _save(out: Path, step: int, models: Models, state: TrainState, keep_last: int) -> None:
+    weights = {"actor": trainable_state(models.actor), "critic": trainable_state(models.critic)}
+    if state.ema is not None:
+        weights["actor_ema"] = state.ema.shadow
+    save_checkpoint(out, step, weights=weights, optimizers=state.optimizers, schedulers=state.schedulers,
+                    state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)}, keep_last=keep_last)
+
+
+def _resume(checkpoint: Path, models: Models, state: TrainState) -> int:
+    """Load everything `_save` wrote (and the RNG states) into place; return the iteration to start from."""
+    weights, saved = load_checkpoint(checkpoint, optimizers=state.optimizers, schedulers=state.schedulers)
+    load_trainable_state(models.actor, weights["actor"])
+    load_trainable_state(models.critic, weights["critic"])
+    if state.ema is not None:
+        state.ema.shadow = weights["actor_ema"]
+    state.kl_ctl.value = saved["kl_coef"]
+    state.moments = RunningMoments(**saved["reward_moments"])
+    log.info(f"resumed from {checkpoint} at iteration {saved['step']}")
+    return int(saved["step"])
 
 
 def _load(specs: list[str], kind: str, config: PPOConfig, out: Path) -> list:
@@ -393,7 +417,7 @@ def _load(specs: list[str], kind: str, config: PPOConfig, out: Path) -> list:
     return loaded.examples
 
 
-def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> tuple[Models, tuple[float, float] | None]:
+def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> Models:
     """Actor (+LoRA), critic (+LoRA, head trainable), frozen reference and reward model; dropout off in all."""
     kwargs = dict(attn_implementation=config.attn_implementation, seed=config.seed)
     actor = load_causal_lm(config.actor, tokenizer, gradient_checkpointing=config.gradient_checkpointing, **kwargs)
@@ -441,7 +465,7 @@ def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> tuple[Model
         if model is not None:
             disable_dropout(model)
             model.to(device)
-    return Models(actor, critic, ref, scorer), reward_stats
+    return Models(actor, critic, ref, scorer, reward_stats)
 
 
 def _write_samples(out: Path, samples: list[dict], logger: RunLogger) -> None:
