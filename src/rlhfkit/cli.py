@@ -15,11 +15,14 @@ from rlhfkit.data.readers import DataError
 USAGE = """usage: rlhfkit <command> [options]
 
 stages:
+  demo       the whole pipeline offline on a CPU (pretrain, SFT, RM, PPO + PTX) with a gold evaluation
   sft        supervised fine-tuning of a causal LM on demonstrations
   rm         train a reward model on preference pairs
   ppo        PPO with a reward model or function, KL penalty, GAE and PTX
 tools:
   eval-rm    a reward model's accuracy and example scores on preference pairs
+  compare    several models' responses to the same prompts side by side, with reward-model scores
+  chat       talk with a model in the terminal, several turns
   data check what a data file holds and every problem in it
 
 `rlhfkit <command> --help` lists every option with its default and meaning."""
@@ -39,6 +42,13 @@ def _rm(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    from rlhfkit.demo.run import DemoConfig, run_demo
+
+    run_demo(parse_config(DemoConfig, argv, "rlhfkit demo", "The whole pipeline offline on a CPU, with a report."))
+    return 0
+
+
 def _ppo(argv: list[str]) -> int:
     from rlhfkit.ppo.config import PPOConfig
     from rlhfkit.ppo.train import run_ppo
@@ -51,6 +61,24 @@ def _eval_rm(argv: list[str]) -> int:
     from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
 
     run_eval_rm(parse_config(EvalRMConfig, argv, "rlhfkit eval-rm", "Evaluate a reward model on preference pairs."))
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    from rlhfkit.tools.compare import CompareConfig, run_compare
+
+    run_compare(parse_config(CompareConfig, argv, "rlhfkit compare", "Compare models' responses to the same prompts."))
+    return 0
+
+
+def _chat(argv: list[str]) -> int:
+    from rlhfkit.tools.chat import ChatConfig, run_chat
+
+    config = parse_config(ChatConfig, argv, "rlhfkit chat", "Talk with a model in the terminal.")
+    try:
+        run_chat(config)
+    except KeyboardInterrupt:  # Ctrl-C is a way to leave a chat, not an interrupted run to resume
+        print()
     return 0
 
 
@@ -110,7 +138,8 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     return 1 if problems else 0
 
 
-COMMANDS = {"sft": _sft, "rm": _rm, "ppo": _ppo, "eval-rm": _eval_rm, "data": _data}
+COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "eval-rm": _eval_rm, "compare": _compare,
+            "chat": _chat, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ class PPOConfig(CommonConfig):
     reward_fn: str = option("", "instead of a reward model, a Python function `module:function` or "
                                 "`path/file.py:function`, called as fn(prompts, responses, **prompt_columns) and "
                                 "returning one float per response", group="models")
+    monitor_fn: str = option("", "a function of the same form as --reward-fn whose mean is logged as `monitor` each "
+                                 "iteration but never trained on (e.g. a gold or verifiable metric beside a reward "
+                                 "model)", group="models")
     critic: str = option("", "value model to start from; default: the reward model (with --reward-fn, or a reward "
                              "model of another tokenizer: the actor with a new value head)", group="models")
     ref: str = option("", "frozen reference policy for the KL penalty; default: the actor's starting weights (with "

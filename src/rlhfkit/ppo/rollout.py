@@ -18,7 +18,7 @@ from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate
 @dataclass
 class Sampling:
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy decoding
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: tuple[str, ...] = ()
@@ -55,17 +55,22 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> Rollout:
-    """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked."""
+    """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked.
+
+    `sampling.temperature == 0` decodes greedily (the evaluation tools' default; PPO's config requires > 0)."""
     from transformers import GenerationConfig
 
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     device = next(actor.parameters()).device
+    greedy = sampling.temperature == 0
+    # Greedy decoding takes no sampling settings: transformers warns about (and may reject) them with do_sample off.
+    sample_args = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                     "top_k": sampling.top_k}
     # A config of its own: a model's generation_config.json (repetition penalties, length limits) must not change
     # what PPO samples.
-    config = GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_id,
-                              pad_token_id=pad_id, use_cache=True,
+    config = GenerationConfig(do_sample=not greedy, **sample_args, max_new_tokens=sampling.max_new_tokens,
+                              eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
                               stop_strings=list(sampling.stop_strings) or None)
     extra = {"tokenizer": tokenizer} if sampling.stop_strings else {}
     actor.eval()

@@ -23,16 +23,16 @@ from rlhfkit.data.templates import render
 from rlhfkit.ppo.rollout import Rollout, last_token_scores
 
 
-def load_reward_fn(spec: str) -> Callable:
+def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
     """`module:function` (importable) or `path/to/file.py:function`; a ConfigError that says what is wrong."""
     target, _, name = spec.rpartition(":")
     if not target or not name:
-        raise ConfigError(f"reward_fn: expected module:function or path/to/file.py:function, got {spec!r}")
+        raise ConfigError(f"{field}: expected module:function or path/to/file.py:function, got {spec!r}")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise ConfigError(f"reward_fn: {path} does not exist")
+                raise ConfigError(f"{field}: {path} does not exist")
             module_spec = importlib.util.spec_from_file_location(f"rlhfkit_reward_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_spec.name] = module
@@ -42,10 +42,10 @@ def load_reward_fn(spec: str) -> Callable:
     except ConfigError:
         raise
     except Exception as exc:  # the user's module failed to import: show its error, not ours
-        raise ConfigError(f"reward_fn: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"{field}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"reward_fn: {target} has no function {name!r}")
+        raise ConfigError(f"{field}: {target} has no function {name!r}")
     return fn
 
 

@@ -64,6 +64,7 @@ class Models:
     ref: torch.nn.Module | None
     scorer: RewardModelScorer | FunctionScorer
     reward_stats: tuple[float, float] | None  # the reward model's stored (mean, std), when rm-stats/auto uses them
+    monitor: FunctionScorer | None = None  # logged, never trained on
 
     @property
     def frozen(self) -> list[torch.nn.Module]:
@@ -111,6 +112,7 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     with timer("score"), torch.no_grad(), autocast(config.dtype, device):
         _place(models.frozen, device, config)
         scores = models.scorer(rollout, batch_prompts, response_texts)
+        monitor = models.monitor(rollout, batch_prompts, response_texts) if models.monitor else None
     if config.reward_norm == "running":
         state.moments.update(scores)
         mean, std = state.moments.mean, state.moments.std
@@ -144,6 +146,7 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     metrics = {
         "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
         "shaped_score": shaped.mean().item(), "reward": core.masked_sum(rewards, mask, dim=-1).mean().item(),
+        **({"monitor": monitor.mean().item()} if monitor is not None else {}),
         "kl": sequence_kl.mean().item(), "beta": beta,
         "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.stopped.float().mean().item(),
         "advantage_std": core.masked_var(advantages, mask).sqrt().item(),
@@ -319,6 +322,7 @@ def run_ppo(config: PPOConfig) -> Path:
     """Train and write OUTPUT/final (the actor, Hugging Face format) and OUTPUT/final_critic."""
     setup_logging()
     reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None  # a broken function fails first
+    monitor_fn = load_reward_fn(config.monitor_fn, "monitor_fn") if config.monitor_fn else None
     out, resume_from = start_run(config)
 
     # Data before models, so that bad rows stop the run before anything loads.
@@ -335,6 +339,7 @@ def run_ppo(config: PPOConfig) -> Path:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = _load_models(config, tokenizer, reward_fn, device)
+    models.monitor = FunctionScorer(monitor_fn, tokenizer) if monitor_fn else None
     iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))
     state = _train_state(config, models, iterations)
     start = _resume(resume_from, models, state) if resume_from is not None else 0

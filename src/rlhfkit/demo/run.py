@@ -1,0 +1,177 @@
+"""`rlhfkit demo`: the whole pipeline offline on a CPU, on a task whose true preference is known.
+
+The demo is a configuration, not a second implementation: each stage is the same `run_sft` / `run_rm` / `run_ppo` a
+user's command runs, with the config written beside its results. Steps: 0 data and tokenizer, 1 pretrain a small
+Llama on the corpus (standing in for the model a user brings), 2 SFT, 3 reward model, 4 PPO with PTX, 5 gold
+evaluation of base, SFT and PPO on held-out prompts, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import make_config, option
+from rlhfkit.data.encode import EncodeStats, encode_conversation
+from rlhfkit.data.loading import load_examples
+from rlhfkit.data.templates import resolve_template
+from rlhfkit.demo.task import Facts, gold_score, make_task
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.ppo.config import PPOConfig
+from rlhfkit.ppo.train import run_ppo
+from rlhfkit.rm.train import RMConfig, run_rm
+from rlhfkit.sft.train import SFTConfig, evaluate, run_sft
+from rlhfkit.tiny import make_tiny_model, train_tokenizer
+from rlhfkit.training.common import log, setup_logging
+
+
+@dataclass
+class DemoConfig:
+    output: str = option("runs/demo", "folder for the data, every stage's run and the report")
+    seed: int = option(0, "seed of the task (facts, data) and of every stage")
+    quick: bool = option(False, "a much smaller run (the test suite's): same stages, far fewer steps")
+
+    def check(self) -> None:
+        pass
+
+
+# Stage settings. Full: about the 10-minute budget on 2 CPU cores; quick: well under a minute of training.
+MODEL = {"full": dict(hidden=128, layers=4, heads=4, ffn=512), "quick": dict(hidden=32, layers=2, heads=4, ffn=64)}
+STEPS = {"full": dict(pretrain=400, sft=200, rm=150, ppo=60, eval_prompts=240),
+         "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, eval_prompts=24)}
+
+
+def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dict[str, dict]:
+    steps = STEPS[size]
+    common = dict(seed=seed, save_every=0, log_every=1)
+    return {
+        "pretrain": dict(common, model=str(out / "init"), data=[str(data["corpus"])], output=str(out / "pretrain"),
+                         loss_on="all", max_steps=steps["pretrain"], batch_size=32, lr=3e-3, warmup_steps=20,
+                         max_len=64, eval_split=0.02, eval_every=100),
+        "sft": dict(common, model=str(out / "pretrain" / "final"), data=[str(data["sft"])], output=str(out / "sft"),
+                    max_steps=steps["sft"], batch_size=32, lr=1e-3, warmup_steps=10, max_len=96, eval_split=0.05,
+                    eval_every=100),
+        "rm": dict(common, model=str(out / "sft" / "final"), data=[str(data["pairs"])], output=str(out / "rm"),
+                   max_steps=steps["rm"], batch_size=32, lr=5e-4, warmup_steps=10, max_len=96, eval_split=0.1,
+                   eval_every=50),
+        "ppo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
+                    prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
+                    monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
+                    batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=2e-5, critic_lr=1e-4,
+                    ptx_coef=0.5, max_len=64, lr_schedule="constant", sample_every=10, num_samples=4),
+    }
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run every stage and the evaluation; returns the summary also written to OUTPUT/summary.json."""
+    setup_logging()
+    out = Path(config.output)
+    size = "quick" if config.quick else "full"
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        log.info(f"--- demo stage: {name}")
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    def make_data():
+        files = make_task(out / "data", config.seed, **({} if not config.quick else dict(
+            n_sft=200, n_pairs=200, n_eval=STEPS["quick"]["eval_prompts"], corpus_paragraphs=300)))
+        texts = [json.loads(line).get("text", line) for f in ("corpus", "sft", "pairs")
+                 for line in files[f].read_text().splitlines()]
+        tokenizer = train_tokenizer(texts, out / "init", vocab_size=600 if not config.quick else 400)
+        make_tiny_model("llama", tokenizer, out / "init", seed=config.seed, **MODEL[size])
+        return files
+
+    files = timed("data", make_data)
+    stages = stage_configs(files, out, config.seed, size)
+    timed("pretrain", run_sft, make_config(SFTConfig, stages["pretrain"]))
+    timed("sft", run_sft, make_config(SFTConfig, stages["sft"]))
+    timed("rm", run_rm, make_config(RMConfig, stages["rm"]))
+    timed("ppo", run_ppo, make_config(PPOConfig, stages["ppo"]))
+    summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"])
+    summary["timings_s"] = timings
+    summary["seed"] = config.seed
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, out)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int) -> dict:
+    """Gold scores of base, SFT and PPO samples on the held-out prompts; win rates; RM accuracy; PTX check."""
+    from rlhfkit.tools.generation import generate_responses
+
+    prompts = load_examples([str(files["eval_prompts"])], "prompt").examples
+    models = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "ppo": out / "ppo" / "final"}
+    gold: dict[str, list[float]] = {}
+    samples: dict[str, list[str]] = {}
+    for name, path in models.items():
+        tokenizer = load_tokenizer(str(path))
+        model = load_causal_lm(str(path), tokenizer)
+        responses = generate_responses(model, tokenizer, prompts, resolve_template("auto", tokenizer),
+                                       max_new_tokens=max_new_tokens,
+                                       temperature=1.0, seed=seed)
+        samples[name] = [r.text for r in responses]
+        gold[name] = [gold_score(p.prompt[-1].content, r.text, Facts(**{k: p.extra[k] for k in ("color", "place",
+                                                                                              "size")}))
+                      for p, r in zip(prompts, responses)]
+    metrics = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
+    rm_eval = [r for r in metrics if r["split"] == "eval"][-1]
+    return {
+        "gold": {name: mean_ci(values) for name, values in gold.items()},
+        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]), "ppo_vs_sft": win_rate(gold["ppo"],
+                                                                                              gold["sft"])},
+        "rm_accuracy": rm_eval["accuracy"],
+        "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ("sft", "ppo")},
+        "eval_prompts": len(prompts),
+        "examples": [{"prompt": p.prompt[-1].content, **{n: samples[n][i] for n in models}}
+                     for i, p in enumerate(prompts[:8])],
+    }
+
+
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean and the half-width of its normal 95% confidence interval."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n)}
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where a's response beats b's (paired by prompt; a tie counts half)."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+@torch.no_grad()
+def corpus_loss(model_dir: Path, corpus: Path) -> float:
+    tokenizer = load_tokenizer(str(model_dir))
+    rows = load_examples([str(corpus)], "text").examples[:500]
+    encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 64, EncodeStats()) for c in rows) if e]
+    return evaluate(load_causal_lm(str(model_dir), tokenizer), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rlhfkit demo")
+    for column in ("model", "gold score (95% CI)", "win rate"):
+        table.add_column(column)
+    wins = {"sft": summary["win_rate"]["sft_vs_base"], "ppo": summary["win_rate"]["ppo_vs_sft"]}
+    for name, g in summary["gold"].items():
+        table.add_row(name, f"{g['mean']:.2f} +- {g['ci95']:.2f}",
+                      f"{wins[name]:.2f} vs {'base' if name == 'sft' else 'sft'}" if name in wins else "")
+    console = Console(markup=False)
+    console.print(table)
+    console.print(f"reward model accuracy {summary['rm_accuracy']:.3f}; corpus loss sft "
+                  f"{summary['corpus_loss']['sft']:.3f}, ppo {summary['corpus_loss']['ppo']:.3f}; stage seconds "
+                  f"{summary['timings_s']}")
+    console.print(f"summary: {out / 'summary.json'}")

@@ -1,0 +1,110 @@
+"""The demo: its gold judge on hand-written answers of each failure mode, its data generator, and `demo --quick`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from rlhfkit.data.loading import load_examples
+from rlhfkit.demo.run import mean_ci, win_rate
+from rlhfkit.demo.task import (SFT_MIX, Facts, fact_table, gold_reward, gold_score, make_task, response,
+                               subject_of)
+
+OTTER = Facts(color="brown", place="river", size="small")
+Q = "Tell me about the otter."
+
+
+@pytest.mark.parametrize("text, expected", [
+    # 3 facts + clean end
+    ("Sure! The otter is brown. It is found in the river. It is small.", 3 + 0.5),
+    # 2 facts
+    ("The otter is brown. It is small.", 2 + 0.5),
+    # evasion: no facts, -1, clean end
+    ("I'm not sure.", -1 + 0.5),
+    # the wrong subject (the falcon's facts here are all wrong values for the otter): -3 wrong values, -1 subject
+    ("The falcon is gray. It is found in the mountains. It is huge.", -3 - 1 + 0.5),
+    # wrong facts about the right subject
+    ("The otter is white. It is found in the desert. It is tiny.", -3 + 0.5),
+    # a loop: 1 fact, 4 repeats of one sentence -> -1.5
+    ("The otter is brown. The otter is brown. The otter is brown. The otter is brown.", 1 - 1.5 + 0.5),
+    # rambling without an end: 1 fact (brown), 30 words -> -0.05 * 5, no full stop -> -0.5
+    ("the otter and then the otter is brown and so the otter well you know it also then and the otter really very "
+     "maybe the otter and and then so", 1 - 0.05 * 5 - 0.5),
+])
+def test_gold_score_by_failure_mode(text, expected):
+    assert gold_score(Q, text, OTTER) == pytest.approx(expected, abs=1e-9)
+
+
+def test_gold_orders_the_kinds_of_response():
+    """On average good > partial > every failure mode, which is what RLHF has to discover from noisy labels."""
+    table = fact_table(0)
+    rng = random.Random(0)
+    mean = {kind: sum(gold_score(f"Describe the {s}.", response(kind, s, table, rng), table[s])
+                      for s in table for _ in range(3)) / (3 * len(table)) for kind in SFT_MIX}
+    failures = [mean[k] for k in SFT_MIX if k not in ("good", "partial")]
+    assert mean["good"] == 3.5 and mean["good"] > mean["partial"] > max(failures)
+    assert max(failures) < 0
+
+
+def test_subject_of_and_gold_reward():
+    assert subject_of("Hi! What do you know about the walrus?") == "walrus"
+    assert subject_of("What is a spoon?") is None
+    with pytest.raises(ValueError, match="names no subject"):
+        gold_score("What is a spoon?", "A spoon.", OTTER)
+    assert gold_reward([Q, Q], ["The otter is brown.", "I don't know."], ["brown"] * 2, ["river"] * 2,
+                       ["small"] * 2) == [1.5, -0.5]
+
+
+def test_make_task_is_deterministic_and_readable(tmp_path):
+    a = make_task(tmp_path / "a", seed=3, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
+    b = make_task(tmp_path / "b", seed=3, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
+    c = make_task(tmp_path / "c", seed=4, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+    assert a["facts"].read_bytes() != c["facts"].read_bytes()
+    for name, kind in (("corpus", "text"), ("sft", "sft"), ("pairs", "preference"), ("prompts", "prompt"),
+                       ("eval_prompts", "prompt")):
+        loaded = load_examples([str(a[name])], kind)
+        assert not loaded.problems and loaded.examples, name
+    eval_questions = {json.loads(line)["prompt"][0]["content"] for line in a["eval_prompts"].read_text().splitlines()}
+    train_questions = {json.loads(line)["prompt"][0]["content"] for line in a["prompts"].read_text().splitlines()}
+    assert len(eval_questions) == 20 and not eval_questions & train_questions  # held out means never trained on
+    table = json.loads(a["facts"].read_text())
+    for line in a["prompts"].read_text().splitlines():  # every prompt carries its subject's facts for the judge
+        row = json.loads(line)
+        assert table[subject_of(row["prompt"][0]["content"])] == {k: row[k] for k in ("color", "place", "size")}
+    # Preference labels follow the gold score except for the label noise.
+    agree = 0
+    for line in a["pairs"].read_text().splitlines():
+        row = json.loads(line)
+        q = row["prompt"][0]["content"]
+        facts = Facts(**table[subject_of(q)])
+        agree += gold_score(q, row["chosen"], facts) > gold_score(q, row["rejected"], facts)
+    assert 0.75 <= agree / 50 < 1.0
+
+
+def test_mean_ci_and_win_rate_by_hand():
+    ci = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert ci["mean"] == 2.5 and ci["ci95"] == pytest.approx(1.96 * math.sqrt(5 / 3) / 2, abs=1e-12)
+    assert win_rate([1, 2, 3, 0], [0, 2, 4, -1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    from rlhfkit.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("base", "sft", "ppo"):
+        g = summary["gold"][name]
+        assert -7 <= g["mean"] <= 4 and 0 <= g["ci95"] < 5
+    assert 0 <= summary["win_rate"]["sft_vs_base"] <= 1 and 0 <= summary["win_rate"]["ppo_vs_sft"] <= 1
+    assert 0 <= summary["rm_accuracy"] <= 1
+    assert all(math.isfinite(v) and v > 0 for v in summary["corpus_loss"].values())
+    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "evaluate"}
+    for stage in ("pretrain", "sft", "rm", "ppo"):  # the same runs a user makes, configs beside the results
+        assert (out / stage / "config.yaml").is_file() and (out / stage / "final" / "config.json").is_file()
+    assert "monitor" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
