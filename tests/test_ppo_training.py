@@ -296,3 +296,15 @@ def test_cli_ppo_config_errors_are_one_line(tiny_models, files, tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "x").exists()  # nothing written before the mistake was found
+
+
+def test_monitor_fn_is_logged_but_not_trained_on(tiny_models, files, tmp_path):
+    """The monitored function sees the same responses as the reward: with the same function, the same numbers; and
+    a monitor alone leaves training unchanged (same weights as without it)."""
+    monitored = run_ppo(ppo_config(tiny_models["llama"], files, tmp_path / "m", max_steps=2,
+                                   monitor_fn=f"{files['rewards']}:count_e"))
+    plain = run_ppo(ppo_config(tiny_models["llama"], files, tmp_path / "p", max_steps=2))
+    rows = records(tmp_path / "m")
+    assert [r["monitor"] for r in rows] == [r["score"] for r in rows]
+    assert "monitor" not in records(tmp_path / "p")[-1]
+    assert_same(weights(monitored), weights(plain))
