@@ -172,6 +172,11 @@ def read_reward_stats(path: str | Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def autocast(dtype: str, device: torch.device | str = "cpu"):
     """bf16 mixed precision when asked (fp32 master weights); a no-op context for float32."""
     device_type = torch.device(device).type

@@ -19,7 +19,6 @@ import torch
 from rlhfkit.config import make_config, option
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
-from rlhfkit.data.templates import resolve_template
 from rlhfkit.demo.task import Facts, gold_score, make_task
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.config import PPOConfig
@@ -107,22 +106,15 @@ def run_demo(config: DemoConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int) -> dict:
     """Gold scores of base, SFT and PPO samples on the held-out prompts; win rates; RM accuracy; PTX check."""
-    from rlhfkit.tools.generation import generate_responses
+    from rlhfkit.tools.compare import compare_models
 
     prompts = load_examples([str(files["eval_prompts"])], "prompt").examples
     models = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "ppo": out / "ppo" / "final"}
-    gold: dict[str, list[float]] = {}
-    samples: dict[str, list[str]] = {}
-    for name, path in models.items():
-        tokenizer = load_tokenizer(str(path))
-        model = load_causal_lm(str(path), tokenizer)
-        responses = generate_responses(model, tokenizer, prompts, resolve_template("auto", tokenizer),
-                                       max_new_tokens=max_new_tokens,
-                                       temperature=1.0, seed=seed)
-        samples[name] = [r.text for r in responses]
-        gold[name] = [gold_score(p.prompt[-1].content, r.text, Facts(**{k: p.extra[k] for k in ("color", "place",
-                                                                                              "size")}))
-                      for p, r in zip(prompts, responses)]
+    rows = compare_models({name: str(path) for name, path in models.items()}, prompts, temperature=1.0, seed=seed,
+                          max_new_tokens=max_new_tokens)
+    gold = {name: [gold_score(p.prompt[-1].content, row["responses"][name]["text"],
+                              Facts(**{k: p.extra[k] for k in ("color", "place", "size")}))
+                   for p, row in zip(prompts, rows)] for name in models}
     metrics = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
     rm_eval = [r for r in metrics if r["split"] == "eval"][-1]
     return {
@@ -132,8 +124,8 @@ def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens
         "rm_accuracy": rm_eval["accuracy"],
         "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ("sft", "ppo")},
         "eval_prompts": len(prompts),
-        "examples": [{"prompt": p.prompt[-1].content, **{n: samples[n][i] for n in models}}
-                     for i, p in enumerate(prompts[:8])],
+        "examples": [{"prompt": row["prompt"], **{n: row["responses"][n]["text"] for n in models}}
+                     for row in rows[:8]],
     }
 
 

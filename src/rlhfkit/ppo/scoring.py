@@ -100,11 +100,16 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
         if self.same_tokenizer:
             batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
         else:
             batch = self.retokenize(examples, response_texts, rollout.stopped.tolist())
+        return self.score_batch(batch)
+
+    @torch.no_grad()
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        """(N,) scores of input_ids / attention_mask (N, T), `batch_size` rows per forward pass."""
+        device = next(self.model.parameters()).device
         scores = []
         with self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext():
             for start in range(0, batch["input_ids"].shape[0], self.batch_size):

@@ -24,8 +24,8 @@ from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encod
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import (autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
-                            read_reward_stats, save_model, trainable_state, load_trainable_state)
+from rlhfkit.models import (autocast, default_device, is_peft, load_causal_lm, load_sequence_classifier,
+                            load_tokenizer, load_trainable_state, read_reward_stats, save_model, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.rollout import Rollout, Sampling, disable_dropout, generate, response_logprobs, token_values
@@ -201,11 +201,12 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
     B, p = exp.rollout.input_ids.shape[0], exp.rollout.prompt_len
     # The shuffle is a function of (seed, iteration), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-    per_iteration = config.ppo_epochs * (B // config.mini_batch)
+    n_updates = config.ppo_epochs * (B // config.mini_batch)
     sums: dict[str, float] = {}
+    update = 0  # optimizer steps so far in this iteration
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(B, generator=generator).tolist()
-        for m, mini in enumerate(chunks(order, config.mini_batch)):
+        for mini in chunks(order, config.mini_batch):
             mask = exp.response_mask[mini]
             denominator = float(mask.sum()) if config.loss_agg == "token-mean" else float(len(mini))
             stats: dict[str, float] = {}
@@ -234,13 +235,13 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                 (config.vf_coef * vf_loss).backward()
                 _add(stats, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
             if train_actor and data.ptx:
-                update_step = (iteration - config.critic_warmup_steps) * per_iteration + epoch * (B // config.mini_batch) + m
-                _add(stats, {"ptx_loss": _ptx_backward(actor, data, update_step, config, device)})
+                actor_step = (iteration - config.critic_warmup_steps) * n_updates + update  # picks the PTX rows
+                _add(stats, {"ptx_loss": _ptx_backward(actor, data, actor_step, config, device)})
             stepped = _optimizer_steps(models, config, state, train_actor, stats)
             if stepped and train_actor and state.ema is not None:
                 state.ema.update(actor)
             _add(sums, stats)
-    n_updates = config.ppo_epochs * (B // config.mini_batch)
+            update += 1
     return {k: v / n_updates for k, v in sums.items()}
 
 
@@ -276,7 +277,6 @@ def _optimizer_steps(models: Models, config: PPOConfig, state: TrainState, train
         state.optimizers[name].zero_grad(set_to_none=True)
         stats[f"{name}_grad_norm"] = norms[name]
         stats[f"{name}_lr"] = state.schedulers[name].get_last_lr()[0]
-    models.actor.zero_grad(set_to_none=True)  # a warming-up actor still received no step: drop nothing stale
     stats["skipped"] = float(not finite)
     return finite
 
@@ -337,7 +337,7 @@ def run_ppo(config: PPOConfig) -> Path:
            if e]
     data = Data(prompts, prompt_ids, ptx, tokenizer.pad_token_id)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     models = _load_models(config, tokenizer, reward_fn, device)
     models.monitor = FunctionScorer(monitor_fn, tokenizer) if monitor_fn else None
     iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))

@@ -11,13 +11,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import torch
 
 from rlhfkit.config import option, require
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import default_device, load_causal_lm, load_tokenizer
 from rlhfkit.tools.generation import Response, generate_from_ids
 from rlhfkit.training.common import check_model_path, setup_logging
 
@@ -105,7 +104,7 @@ def run_chat(config: ChatConfig) -> list[Turn]:
     setup_logging()
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config.template, tokenizer)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = load_causal_lm(config.model, tokenizer).to(device)
     respond = model_responder(model, tokenizer, template, max_new_tokens=config.max_new_tokens,
                               temperature=config.temperature, top_p=config.top_p, seed=config.seed,

@@ -7,13 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from rlhfkit.config import ConfigError, option, require
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhfkit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhfkit.tools.generation import generate_responses, score_responses
 from rlhfkit.training.common import check_data_specs, check_model_path, log, setup_logging
 
@@ -84,7 +83,7 @@ def compare_models(models: dict[str, str], examples: list[PromptExample], *, tem
     Each model uses its own tokenizer and `template` resolved for it; the score is None without a reward model.
     Models are loaded one at a time, so comparing three models costs the memory of one (plus the reward model).
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     reward = None
     if reward_model:
         reward_tokenizer = load_tokenizer(reward_model)

@@ -13,7 +13,7 @@ import torch
 from rlhfkit.data.batching import chunks
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import PromptExample
-from rlhfkit.ppo.rollout import Sampling, generate, last_token_scores
+from rlhfkit.ppo.rollout import Sampling, generate
 from rlhfkit.ppo.scoring import RewardModelScorer
 
 
@@ -65,12 +65,6 @@ def score_responses(reward_model, reward_tokenizer, examples: list[PromptExample
     """
     scorer = RewardModelScorer(reward_model, reward_tokenizer, adapter_disabled=False, same_tokenizer=False,
                                template=template, max_len=max_len, batch_size=batch_size)
-    batch = scorer.retokenize(examples, [r.text for r in responses], [r.stopped for r in responses])
-    device = next(reward_model.parameters()).device
     reward_model.eval()
-    scores = []
-    for start in range(0, len(responses), batch_size):
-        part = slice(start, start + batch_size)
-        scores += last_token_scores(reward_model, batch["input_ids"][part].to(device),
-                                    batch["attention_mask"][part].to(device)).tolist()
-    return scores
+    return scorer.score_batch(scorer.retokenize(examples, [r.text for r in responses],
+                                                [r.stopped for r in responses])).tolist()
