@@ -70,6 +70,26 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+class Crash(RuntimeError):
+    """A simulated crash in the middle of a run (resume tests)."""
+
+
+def crash_at_call(monkeypatch, owner, name: str, call: int) -> list[int]:
+    """Make `owner.name` raise Crash at its `call`-th call (1-based; 0 = never) and count its calls; returns the
+    counter."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise Crash(f"simulated crash in call {call} of {name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import Crash, corpus, crash_at_call, write_jsonl
 from safetensors.torch import load_file
 
 import rlhfkit.ppo.train as ppo_train
@@ -120,7 +120,6 @@ def test_reward_model_with_another_tokenizer(tiny_models, files, tmp_path):
     """The reward model reads re-tokenized text; the critic, which reads the actor's tokens, starts from the actor.
     Also runs the LoRA actor with gradient checkpointing."""
     from rlhfkit.tiny import make_tiny_model, train_tokenizer
-    from conftest import corpus
 
     other_tok = train_tokenizer(corpus()[::2], tmp_path / "other", vocab_size=300, bos=False)
     other = make_tiny_model("gpt2", other_tok, tmp_path / "other", hidden=32, layers=2, heads=4)
@@ -170,10 +169,15 @@ def test_critic_warmup_leaves_the_actor_unchanged(tiny_models, files, tmp_path):
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean"])
 def test_micro_batches_accumulate_to_the_minibatch(tiny_models, files, tmp_path, loss_agg):
-    """micro_batch_size 2 and 8 make the same updates (up to float summation order)."""
+    """micro_batch_size 2 and 8 make the same updates (up to float summation order). The stop string "e" gives
+    responses of different lengths, so micro-batches hold different token counts: averaging each micro-batch over
+    its own tokens instead of the minibatch's would show."""
     finals = [run_ppo(ppo_config(tiny_models["gpt2"], files, tmp_path / f"micro{m}", max_steps=2, mini_batch_size=8,
-                                 micro_batch_size=m, ptx_data=[str(files["ptx"])], ptx_coef=0.5, loss_agg=loss_agg))
+                                 micro_batch_size=m, ptx_data=[str(files["ptx"])], ptx_coef=0.5, loss_agg=loss_agg,
+                                 stop_strings=["e"]))
               for m in (2, 8)]
+    lengths = {r["response_length"] for r in records(tmp_path / "micro2")}
+    assert all(0 < n < 8 for n in lengths)  # some responses stopped early, so lengths vary
     a, b = weights(finals[0]), weights(finals[1])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0, msg=k)
@@ -182,34 +186,16 @@ def test_micro_batches_accumulate_to_the_minibatch(tiny_models, files, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------------------ resume
-class Crash(RuntimeError):
-    pass
-
-
-def crash_in_iteration(monkeypatch, n: int) -> list[int]:
-    calls = [0]
-    real = ppo_train.ppo_iteration
-
-    def iteration(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            raise Crash(f"simulated crash in iteration {n}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ppo_train, "ppo_iteration", iteration)
-    return calls
-
-
 def check_resume(monkeypatch, tmp_path, make) -> None:
     """Uninterrupted 6 iterations vs a run killed in iteration 4 (checkpoints every 2) and resumed: same bits."""
     full = run_ppo(make(tmp_path / "full"))
-    crash_in_iteration(monkeypatch, 4)
+    crash_at_call(monkeypatch, ppo_train, "ppo_iteration", 4)
     with pytest.raises(Crash):
         run_ppo(make(tmp_path / "cut"))
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002"]
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run_ppo(make(tmp_path / "cut"))
-    calls = crash_in_iteration(monkeypatch, 0)
+    calls = crash_at_call(monkeypatch, ppo_train, "ppo_iteration", 0)
     resumed = run_ppo(make(tmp_path / "cut", resume="latest"))
     assert calls[0] == 4  # iterations 3..6 only
     for name in ("final", "final_critic", "final_ema"):
@@ -243,6 +229,10 @@ def test_resume_is_bitwise_identical_lora_with_reward_model(tiny_models, tokeniz
                           lora_merge=False, reward=str(reward), reward_fn="", **extra)
 
     check_resume(monkeypatch, tmp_path, make)
+    # reward_norm auto uses the statistics stored with the reward model: shaped = (score - 0.1) / 0.5 (no clipping
+    # at these magnitudes, so the batch means obey the same line).
+    for r in records(tmp_path / "full"):
+        assert abs(r["score"]) < 2 and r["shaped_score"] == pytest.approx((r["score"] - 0.1) / 0.5, abs=1e-5)
     adapter = weights(tmp_path / "full" / "final")
     assert any("lora_B" in k and torch.count_nonzero(v) for k, v in adapter.items())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import color_preference_rows, color_sft_rows, write_jsonl
+from conftest import Crash, color_preference_rows, color_sft_rows, crash_at_call, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -276,33 +276,11 @@ def test_rm_head_from_causal_lm_has_std_one_over_sqrt_hidden_plus_one(tokenizer_
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-class Crash(RuntimeError):
-    pass
-
-
-def crash_at_call(monkeypatch, call: int) -> list[int]:
-    """Make the training loop's step function raise at its `call`-th call (1-based); returns the call counter."""
-    calls = [0]
-
-    def step(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == call:
-            raise Crash(f"simulated crash in step {call}")
-        return train_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-    return calls
-
-
-def count_calls(monkeypatch) -> list[int]:
-    return crash_at_call(monkeypatch, 0)
-
-
 def check_resume(monkeypatch, tmp_path, make, run) -> None:
     """Uninterrupted run vs a run killed in step 4 (checkpoints every 2 steps) then resumed: identical weights."""
     full_final = run(make(tmp_path / "full"))
     full = tmp_path / "full"
-    crash_at_call(monkeypatch, 4)
+    crash_at_call(monkeypatch, loop, "train_step", 4)
     with pytest.raises(Crash):
         run(make(tmp_path / "cut"))
     cut = tmp_path / "cut"
@@ -313,7 +291,7 @@ def check_resume(monkeypatch, tmp_path, make, run) -> None:
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run(make(cut))  # without resume, an output with checkpoints is refused
 
-    calls = count_calls(monkeypatch)
+    calls = crash_at_call(monkeypatch, loop, "train_step", 0)
     resumed = run(make(cut, resume="latest"))
     assert calls[0] == 4  # steps 3..6 only
     assert_same_tensors(safetensors_in(full_final), safetensors_in(resumed))
