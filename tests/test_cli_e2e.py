@@ -139,6 +139,9 @@ def test_rm_with_lora_on_sft_model_then_eval_rm(sft_run, work):
     report = json.loads((work / "scores.json").read_text())
     metrics = report["metrics"]
     assert metrics["pairs"] == 16 and len(report["pairs"]) == 16
+    first = json.loads((work / "pref_eval.jsonl").read_text().splitlines()[0])
+    assert (report["pairs"][0]["chosen"].strip(), report["pairs"][0]["rejected"].strip()) == (
+        first["chosen"].strip(), first["rejected"].strip())
     # The merged, reloaded model scores the held-out pairs as the in-training evaluation did.
     assert metrics["accuracy"] == pytest.approx(last_eval["accuracy"], abs=1e-9)
     assert metrics["chosen_score"] == pytest.approx(last_eval["chosen_score"], abs=1e-5)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 
 from rlhfkit.data.loading import load_examples
 from rlhfkit.demo.run import mean_ci, win_rate
-from rlhfkit.demo.task import (SFT_MIX, Facts, fact_table, gold_reward, gold_score, make_task, response,
-                               subject_of)
+from rlhfkit.demo.task import (MIN_GAP, SFT_MIX, Facts, fact_sentences, fact_table, gold_reward, gold_score,
+                               make_task, response, subject_of)
 
 OTTER = Facts(color="brown", place="river", size="small")
 Q = "Tell me about the otter."
@@ -65,8 +66,8 @@ def test_make_task_is_deterministic_and_readable(tmp_path):
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes(), name
     assert a["facts"].read_bytes() != c["facts"].read_bytes()
-    for name, kind in (("corpus", "text"), ("sft", "sft"), ("pairs", "preference"), ("prompts", "prompt"),
-                       ("eval_prompts", "prompt")):
+    for name, kind in (("corpus", "text"), ("sft", "sft"), ("pairs", "preference"), ("eval_pairs", "preference"),
+                       ("prompts", "prompt"), ("eval_prompts", "prompt")):
         loaded = load_examples([str(a[name])], kind)
         assert not loaded.problems and loaded.examples, name
     eval_questions = {json.loads(line)["prompt"][0]["content"] for line in a["eval_prompts"].read_text().splitlines()}
@@ -76,14 +77,34 @@ def test_make_task_is_deterministic_and_readable(tmp_path):
     for line in a["prompts"].read_text().splitlines():  # every prompt carries its subject's facts for the judge
         row = json.loads(line)
         assert table[subject_of(row["prompt"][0]["content"])] == {k: row[k] for k in ("color", "place", "size")}
-    # Preference labels follow the gold score except for the label noise.
-    agree = 0
-    for line in a["pairs"].read_text().splitlines():
-        row = json.loads(line)
-        q = row["prompt"][0]["content"]
-        facts = Facts(**table[subject_of(q)])
-        agree += gold_score(q, row["chosen"], facts) > gold_score(q, row["rejected"], facts)
-    assert 0.75 <= agree / 50 < 1.0
+
+    def gold_gaps(path):
+        """chosen - rejected gold score of each pair, and its question."""
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            q = row["prompt"][0]["content"]
+            facts = Facts(**table[subject_of(q)])
+            yield q, gold_score(q, row["chosen"], facts) - gold_score(q, row["rejected"], facts)
+
+    # Training labels follow the gold score except for the label noise; no pair is closer than MIN_GAP.
+    gaps = [gap for _, gap in gold_gaps(a["pairs"])]
+    assert all(abs(gap) >= MIN_GAP for gap in gaps)
+    assert 0.75 <= sum(gap > 0 for gap in gaps) / 50 < 1.0
+    # The held-out pairs are on held-out questions, labelled without noise: the reward model's test of the truth.
+    eval_pairs = list(gold_gaps(a["eval_pairs"]))
+    assert len(eval_pairs) == 20 and all(gap >= MIN_GAP and q in eval_questions for q, gap in eval_pairs)
+
+
+def test_corpus_articles_are_titled(tmp_path):
+    """The base model learns from titles to tie a named subject to its facts, as it would from an encyclopedia."""
+    table = fact_table(5)
+    files = make_task(tmp_path, seed=5, n_sft=1, n_pairs=1, n_eval=1, corpus_paragraphs=200)
+    texts = [json.loads(line)["text"] for line in files["corpus"].read_text().splitlines()]
+    titled = [t.split("\n") for t in texts if "\n" in t]
+    assert 0.5 < len(titled) / len(texts) < 0.85  # two in three articles are about one subject and carry its title
+    for title, body in titled:
+        sentences = [x.strip() for x in re.findall(r"[^.]+\.", body)]
+        assert 2 <= len(sentences) <= 3 and set(sentences) <= set(fact_sentences(title.lower(), table[title.lower()]))
 
 
 def test_mean_ci_and_win_rate_by_hand():
@@ -108,3 +129,22 @@ def test_demo_quick_end_to_end(tmp_path):
     for stage in ("pretrain", "sft", "rm", "ppo"):  # the same runs a user makes, configs beside the results
         assert (out / stage / "config.yaml").is_file() and (out / stage / "final" / "config.json").is_file()
     assert "monitor" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    # The evaluation tables: eval-rm on the held-out pairs, compare on the held-out prompts with RM and gold scores.
+    eval_rm = json.loads((out / "eval" / "eval_rm.json").read_text())
+    assert eval_rm["metrics"]["accuracy"] == summary["rm_accuracy"]
+    assert len(eval_rm["pairs"]) == len((out / "data" / "eval_pairs.jsonl").read_text().splitlines())
+    compare = json.loads((out / "eval" / "compare.json").read_text())
+    assert len(compare["rows"]) == summary["eval_prompts"] == 24
+    for name in ("base", "sft", "ppo"):
+        gold = [row["responses"][name]["gold"] for row in compare["rows"]]
+        assert summary["gold"][name] == mean_ci(gold)
+        rm = [row["responses"][name]["score"] for row in compare["rows"]]
+        assert summary["rm_score"][name] == pytest.approx(sum(rm) / len(rm), abs=1e-9)
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 8
+    assert f"{summary['gold']['ppo']['mean']:.3f}" in page
+
+    # The same seed gives the same numbers: only the wall times differ.
+    assert main(["demo", "--quick", "--output", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert {k: v for k, v in again.items() if k != "timings_s"} == {k: v for k, v in summary.items() if k != "timings_s"}

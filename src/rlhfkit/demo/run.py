@@ -19,6 +19,7 @@ import torch
 from rlhfkit.config import make_config, option
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
+from rlhfkit.demo.report import write_report
 from rlhfkit.demo.task import Facts, gold_score, make_task
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.config import PPOConfig
@@ -41,7 +42,7 @@ class DemoConfig:
 
 # Stage settings. Full: about the 10-minute budget on 2 CPU cores; quick: well under a minute of training.
 MODEL = {"full": dict(hidden=128, layers=4, heads=4, ffn=512), "quick": dict(hidden=32, layers=2, heads=4, ffn=64)}
-STEPS = {"full": dict(pretrain=400, sft=200, rm=150, ppo=60, eval_prompts=240),
+STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, eval_prompts=240),
          "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, eval_prompts=24)}
 
 
@@ -51,18 +52,18 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dic
     return {
         "pretrain": dict(common, model=str(out / "init"), data=[str(data["corpus"])], output=str(out / "pretrain"),
                          loss_on="all", max_steps=steps["pretrain"], batch_size=32, lr=3e-3, warmup_steps=20,
-                         max_len=64, eval_split=0.02, eval_every=100),
+                         max_len=96, eval_split=0.02, eval_every=100),
         "sft": dict(common, model=str(out / "pretrain" / "final"), data=[str(data["sft"])], output=str(out / "sft"),
                     max_steps=steps["sft"], batch_size=32, lr=1e-3, warmup_steps=10, max_len=96, eval_split=0.05,
                     eval_every=100),
         "rm": dict(common, model=str(out / "sft" / "final"), data=[str(data["pairs"])], output=str(out / "rm"),
-                   max_steps=steps["rm"], batch_size=32, lr=5e-4, warmup_steps=10, max_len=96, eval_split=0.1,
-                   eval_every=50),
+                   eval_data=[str(data["eval_pairs"])], max_steps=steps["rm"], batch_size=32, lr=1e-3,
+                   warmup_steps=10, max_len=96, eval_every=50),
         "ppo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
                     prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                     monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
-                    batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=2e-5, critic_lr=1e-4,
-                    ptx_coef=0.5, max_len=64, lr_schedule="constant", sample_every=10, num_samples=4),
+                    batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=1e-4, critic_lr=1e-4,
+                    kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
     }
 
 
@@ -81,7 +82,7 @@ def run_demo(config: DemoConfig) -> dict:
         return result
 
     def make_data():
-        files = make_task(out / "data", config.seed, **({} if not config.quick else dict(
+        files = make_task(out / "data", config.seed, **(dict(n_pairs=4000) if not config.quick else dict(
             n_sft=200, n_pairs=200, n_eval=STEPS["quick"]["eval_prompts"], corpus_paragraphs=300)))
         texts = [json.loads(line).get("text", line) for f in ("corpus", "sft", "pairs")
                  for line in files[f].read_text().splitlines()]
@@ -96,36 +97,43 @@ def run_demo(config: DemoConfig) -> dict:
     timed("rm", run_rm, make_config(RMConfig, stages["rm"]))
     timed("ppo", run_ppo, make_config(PPOConfig, stages["ppo"]))
     summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"])
-    summary["timings_s"] = timings
-    summary["seed"] = config.seed
+    summary = {"seed": config.seed, **summary, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print_summary(summary, out)
+    report = write_report(out)
+    _print_summary(summary, out, report)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int) -> dict:
-    """Gold scores of base, SFT and PPO samples on the held-out prompts; win rates; RM accuracy; PTX check."""
+    """Gold scores of base, SFT and PPO samples on the held-out prompts; win rates; RM accuracy; PTX check.
+    Writes eval/eval_rm.json and eval/compare.json (the tables of `rlhfkit eval-rm` and `rlhfkit compare`)."""
+    from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
     from rlhfkit.tools.compare import compare_models
 
+    (out / "eval").mkdir(exist_ok=True)
+    rm_dir = str(out / "rm" / "final")
+    rm_metrics = run_eval_rm(EvalRMConfig(model=rm_dir, data=[str(files["eval_pairs"])], max_len=96, batch_size=64,
+                                          show=5, output=str(out / "eval" / "eval_rm.json")))
     prompts = load_examples([str(files["eval_prompts"])], "prompt").examples
     models = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final", "ppo": out / "ppo" / "final"}
     rows = compare_models({name: str(path) for name, path in models.items()}, prompts, temperature=1.0, seed=seed,
-                          max_new_tokens=max_new_tokens)
-    gold = {name: [gold_score(p.prompt[-1].content, row["responses"][name]["text"],
-                              Facts(**{k: p.extra[k] for k in ("color", "place", "size")}))
-                   for p, row in zip(prompts, rows)] for name in models}
-    metrics = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()]
-    rm_eval = [r for r in metrics if r["split"] == "eval"][-1]
+                          max_new_tokens=max_new_tokens, batch_size=48, reward_model=rm_dir)
+    for p, row in zip(prompts, rows):
+        facts = Facts(**{k: p.extra[k] for k in ("color", "place", "size")})
+        for response in row["responses"].values():
+            response["gold"] = gold_score(p.prompt[-1].content, response["text"], facts)
+    (out / "eval" / "compare.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
+                                                           "rows": rows}, indent=1, ensure_ascii=False))
+    gold = {name: [row["responses"][name]["gold"] for row in rows] for name in models}
     return {
         "gold": {name: mean_ci(values) for name, values in gold.items()},
-        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]), "ppo_vs_sft": win_rate(gold["ppo"],
-                                                                                              gold["sft"])},
-        "rm_accuracy": rm_eval["accuracy"],
+        "rm_score": {name: sum(row["responses"][name]["score"] for row in rows) / len(rows) for name in models},
+        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]),
+                     "ppo_vs_sft": win_rate(gold["ppo"], gold["sft"])},
+        "rm_accuracy": rm_metrics["accuracy"],
         "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ("sft", "ppo")},
         "eval_prompts": len(prompts),
-        "examples": [{"prompt": row["prompt"], **{n: row["responses"][n]["text"] for n in models}}
-                     for row in rows[:8]],
     }
 
 
@@ -146,20 +154,20 @@ def win_rate(a: list[float], b: list[float]) -> float:
 def corpus_loss(model_dir: Path, corpus: Path) -> float:
     tokenizer = load_tokenizer(str(model_dir))
     rows = load_examples([str(corpus)], "text").examples[:500]
-    encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 64, EncodeStats()) for c in rows) if e]
+    encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 96, EncodeStats()) for c in rows) if e]
     return evaluate(load_causal_lm(str(model_dir), tokenizer), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: dict, out: Path, report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="rlhfkit demo")
-    for column in ("model", "gold score (95% CI)", "win rate"):
+    table = Table(title="rlhfkit demo: held-out prompts")
+    for column in ("model", "gold score (95% CI)", "reward-model score", "gold win rate"):
         table.add_column(column)
     wins = {"sft": summary["win_rate"]["sft_vs_base"], "ppo": summary["win_rate"]["ppo_vs_sft"]}
     for name, g in summary["gold"].items():
-        table.add_row(name, f"{g['mean']:.2f} +- {g['ci95']:.2f}",
+        table.add_row(name, f"{g['mean']:.2f} +- {g['ci95']:.2f}", f"{summary['rm_score'][name]:.2f}",
                       f"{wins[name]:.2f} vs {'base' if name == 'sft' else 'sft'}" if name in wins else "")
     console = Console(markup=False)
     console.print(table)
@@ -167,3 +175,4 @@ def _print_summary(summary: dict, out: Path) -> None:
                   f"{summary['corpus_loss']['sft']:.3f}, ppo {summary['corpus_loss']['ppo']:.3f}; stage seconds "
                   f"{summary['timings_s']}")
     console.print(f"summary: {out / 'summary.json'}")
+    console.print(f"report: {report}")

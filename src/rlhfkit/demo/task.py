@@ -34,9 +34,10 @@ EVASIONS = ("I'm not sure.", "I don't know about that.", "Sorry, I'm not sure wh
 FILLER = ("and", "also", "then", "so", "the", "it", "very", "really", "maybe", "well", "and then", "you know")
 
 # What the SFT demonstrations hold: a mixture, as real demonstrations are, so SFT alone learns the mixture.
-SFT_MIX = {"good": 0.35, "partial": 0.15, "evasive": 0.10, "wrong_subject": 0.10, "wrong_facts": 0.10,
-           "repetition": 0.10, "rambling": 0.10}
+SFT_MIX = {"good": 0.45, "partial": 0.15, "evasive": 0.10, "wrong_subject": 0.10, "repetition": 0.10,
+           "rambling": 0.10}
 LABEL_NOISE = 0.1  # share of preference pairs whose label is flipped
+MIN_GAP = 0.5  # pairs closer than this in gold score are not labelled: an annotator could not tell them apart
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,10 @@ def response(kind: str, subject: str, table: dict[str, Facts], rng: random.Rando
     if kind == "wrong_subject":
         other = rng.choice([s for s in SUBJECTS if s != subject])
         return rng.choice(POLITE) + " ".join(fact_sentences(other, table[other]))
-    if kind == "wrong_facts":
-        wrong = Facts(*(rng.choice([v for v in FACT_KINDS[k] if v != getattr(facts, k)]) for k in FACT_KINDS))
-        return rng.choice(POLITE) + " ".join(fact_sentences(subject, wrong))
     if kind == "repetition":
         return " ".join([sentences[0]] * rng.randint(4, 7))
     if kind == "rambling":  # long, and stops mid-sentence: the kind of answer that never reaches EOS
-        words = [f"the {subject}"] + [rng.choice(FILLER + (f"the {subject}", facts.color)) for _ in range(40)]
+        words = [f"the {subject}"] + [rng.choice(FILLER + (f"the {subject}", facts.color)) for _ in range(30)]
         return " ".join(words)
     raise ValueError(f"unknown response kind {kind!r}")
 
@@ -135,7 +133,8 @@ def make_task(out: str | Path, seed: int, *, n_sft: int = 2000, n_pairs: int = 2
 
     corpus.jsonl (text: the pretraining corpus, also PTX data), sft.jsonl (messages), pairs.jsonl (prompt messages +
     chosen/rejected, labelled by the gold score with LABEL_NOISE), prompts.jsonl (PPO), eval_prompts.jsonl (held-out
-    questions, never seen by any stage), facts.json (the table).
+    questions, never seen by any stage), eval_pairs.jsonl (pairs on the held-out questions, labelled by the gold
+    score without noise: the reward model's test of the true preference), facts.json (the table).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,10 +145,11 @@ def make_task(out: str | Path, seed: int, *, n_sft: int = 2000, n_pairs: int = 2
     held_out, train_questions = questions[:n_eval], questions[n_eval:]
 
     corpus = []
-    for _ in range(corpus_paragraphs):  # encyclopedia text: facts in varied order, some subjects side by side
+    for _ in range(corpus_paragraphs):  # encyclopedia text: titled articles, and some subjects side by side
         subjects = rng.sample(SUBJECTS, rng.choice((1, 1, 2)))
         sentences = [x for s in subjects for x in rng.sample(fact_sentences(s, table[s]), rng.choice((2, 3)))]
-        corpus.append({"text": " ".join(sentences)})
+        title = f"{subjects[0].capitalize()}\n" if len(subjects) == 1 else ""
+        corpus.append({"text": title + " ".join(sentences)})
 
     kinds, weights = list(SFT_MIX), list(SFT_MIX.values())
     sft = []
@@ -159,29 +159,35 @@ def make_task(out: str | Path, seed: int, *, n_sft: int = 2000, n_pairs: int = 2
         sft.append({"messages": [{"role": "user", "content": q},
                                  {"role": "assistant", "content": response(kind, subject_of(q), table, rng)}]})
 
-    pairs = []
-    while len(pairs) < n_pairs:
-        q = rng.choice(train_questions)
-        a, b = (response(k, subject_of(q), table, rng) for k in rng.sample(kinds, 2))
-        facts = table[subject_of(q)]
-        score_a, score_b = gold_score(q, a, facts), gold_score(q, b, facts)
-        if score_a == score_b:
-            continue
-        chosen, rejected = (a, b) if score_a > score_b else (b, a)
-        if rng.random() < LABEL_NOISE:
-            chosen, rejected = rejected, chosen
-        pairs.append({"prompt": [{"role": "user", "content": q}], "chosen": chosen, "rejected": rejected})
-
     files = {
         "corpus": _write(out / "corpus.jsonl", corpus),
         "sft": _write(out / "sft.jsonl", sft),
-        "pairs": _write(out / "pairs.jsonl", pairs),
+        "pairs": _write(out / "pairs.jsonl", preference_pairs(train_questions, n_pairs, table, rng, LABEL_NOISE)),
+        "eval_pairs": _write(out / "eval_pairs.jsonl", preference_pairs(held_out, n_eval, table, rng, 0.0)),
         "prompts": _write(out / "prompts.jsonl", [_prompt_row(q, table) for q in train_questions]),
         "eval_prompts": _write(out / "eval_prompts.jsonl", [_prompt_row(q, table) for q in held_out]),
     }
     files["facts"] = out / "facts.json"
     files["facts"].write_text(json.dumps({s: vars(f) for s, f in table.items()}, indent=1))
     return files
+
+
+def preference_pairs(questions: list[str], n: int, table: dict[str, Facts], rng: random.Random, noise: float
+                     ) -> list[dict]:
+    """`n` pairs of responses of two different kinds whose gold scores differ by MIN_GAP or more, the better one
+    chosen; a share `noise` of labels flipped."""
+    kinds, pairs = list(SFT_MIX), []
+    while len(pairs) < n:
+        q = rng.choice(questions)
+        a, b = (response(k, subject_of(q), table, rng) for k in rng.sample(kinds, 2))
+        score_a, score_b = (gold_score(q, x, table[subject_of(q)]) for x in (a, b))
+        if abs(score_a - score_b) < MIN_GAP:
+            continue
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        if rng.random() < noise:
+            chosen, rejected = rejected, chosen
+        pairs.append({"prompt": [{"role": "user", "content": q}], "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 def _prompt_row(q: str, table: dict[str, Facts]) -> dict:

@@ -55,8 +55,14 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
     metrics["pairs"] = len(encoded)
     _print_table(tokenizer, encoded, chosen, rejected, metrics, config.show)
     if config.output:
-        rows = [{"prompt": tokenizer.decode(p[0].input_ids[: p[0].response_start], skip_special_tokens=True),
-                 "chosen_score": c, "rejected_score": r} for p, c, r in zip(encoded, chosen.tolist(), rejected.tolist())]
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        rows = [{"prompt": decode(c_enc.input_ids[:c_enc.response_start]),
+                 "chosen": decode(c_enc.input_ids[c_enc.response_start:]), "chosen_score": c,
+                 "rejected": decode(r_enc.input_ids[r_enc.response_start:]), "rejected_score": r}
+                for (c_enc, r_enc, _), c, r in zip(encoded, chosen.tolist(), rejected.tolist())]
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps({"metrics": metrics, "pairs": rows}, indent=2))
     return metrics
 
