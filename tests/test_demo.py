@@ -60,9 +60,9 @@ def test_subject_of_and_gold_reward():
 
 
 def test_make_task_is_deterministic_and_readable(tmp_path):
-    a = make_task(tmp_path / "a", seed=3, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
-    b = make_task(tmp_path / "b", seed=3, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
-    c = make_task(tmp_path / "c", seed=4, n_sft=50, n_pairs=50, n_eval=20, corpus_paragraphs=40)
+    a = make_task(tmp_path / "a", seed=3, n_sft=50, n_pairs=50, n_eval=60, corpus_paragraphs=40)
+    b = make_task(tmp_path / "b", seed=3, n_sft=50, n_pairs=50, n_eval=60, corpus_paragraphs=40)
+    c = make_task(tmp_path / "c", seed=4, n_sft=50, n_pairs=50, n_eval=60, corpus_paragraphs=40)
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes(), name
     assert a["facts"].read_bytes() != c["facts"].read_bytes()
@@ -72,7 +72,7 @@ def test_make_task_is_deterministic_and_readable(tmp_path):
         assert not loaded.problems and loaded.examples, name
     eval_questions = {json.loads(line)["prompt"][0]["content"] for line in a["eval_prompts"].read_text().splitlines()}
     train_questions = {json.loads(line)["prompt"][0]["content"] for line in a["prompts"].read_text().splitlines()}
-    assert len(eval_questions) == 20 and not eval_questions & train_questions  # held out means never trained on
+    assert len(eval_questions) == 60 and not eval_questions & train_questions  # held out means never trained on
     table = json.loads(a["facts"].read_text())
     for line in a["prompts"].read_text().splitlines():  # every prompt carries its subject's facts for the judge
         row = json.loads(line)
@@ -92,7 +92,7 @@ def test_make_task_is_deterministic_and_readable(tmp_path):
     assert 0.75 <= sum(gap > 0 for gap in gaps) / 50 < 1.0
     # The held-out pairs are on held-out questions, labelled without noise: the reward model's test of the truth.
     eval_pairs = list(gold_gaps(a["eval_pairs"]))
-    assert len(eval_pairs) == 20 and all(gap >= MIN_GAP and q in eval_questions for q, gap in eval_pairs)
+    assert len(eval_pairs) == 60 and all(gap >= MIN_GAP and q in eval_questions for q, gap in eval_pairs)
 
 
 def test_corpus_articles_are_titled(tmp_path):

@@ -187,7 +187,7 @@ def headline(summary: dict) -> str:
         total = sum(timings.values())
         rows.append(["total wall time", f"{total:.1f} s ({int(total // 60)} min {total % 60:.0f} s)"])
     # Keys added to summary.json later still show up, as long as they are plain numbers.
-    known = {"seed", "gold", "win_rate", "rm_accuracy", "corpus_loss", "eval_prompts", "timings_s", "examples"}
+    known = {"seed", "gold", "win_rate", "rm_accuracy", "corpus_loss", "eval_prompts", "timings_s"}
     rows += [[esc(k), num(v)] for k, v in summary.items()
              if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return table(["measure", "value"], rows)

@@ -3,7 +3,7 @@
 A fact table (drawn from the seed) gives each of a few dozen subjects a color, a place and a size. Users ask about one
 subject; a good answer states its three facts, briefly, and ends cleanly. The other kinds of answer are the failure
 modes the seed documents show in real SFT and RLHF models: evasion ("I'm not sure"), repetition loops, facts about
-the wrong subject, wrong facts, and rambling that never ends. `gold_score` judges any response from the prompt and the
+the wrong subject, and rambling that never ends. `gold_score` judges any response from the prompt and the
 text alone, as Gao et al.'s gold reward model does, so every stage can be measured against the truth while the
 reward model only sees noisy preference labels.
 """
