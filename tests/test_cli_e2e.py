@@ -81,7 +81,7 @@ def test_sft_writes_config_metrics_tensorboard_checkpoints_final(sft_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     checkpoint = out / "checkpoints" / "step-00000004"
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 4
-    for name in ("model.safetensors", "model.optim.pt", "model.sched.pt", "rng.pt"):
+    for name in ("model/.metadata", "model/__0_0.distcp", "model.sched.pt", "rng-0.pt"):
         assert (checkpoint / name).is_file(), name
 
     final = out / "final"

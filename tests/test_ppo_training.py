@@ -259,7 +259,7 @@ def test_cli_ppo_with_reward_model_and_with_reward_function(tiny_models, tokeniz
         assert [r["step"] for r in records(out)] == [1, 2]
         assert len((out / "samples.jsonl").read_text().splitlines()) == 2
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
-        assert {"actor.safetensors", "critic.safetensors", "actor.optim.pt", "critic.optim.pt", "rng.pt",
+        assert {"actor", "critic", "actor.sched.pt", "critic.sched.pt", "rng-0.pt",
                 "state.json"} <= {p.name for p in (out / "checkpoints" / "step-00000002").iterdir()}
         # The final actor and critic load with plain transformers.
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

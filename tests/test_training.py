@@ -12,7 +12,7 @@ from conftest import Crash, color_preference_rows, color_sft_rows, crash_at_call
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import rlhfkit.rm.train as rm_train
+import rlhfkit.models as rlhfkit_models
 import rlhfkit.sft.train as sft_train
 import rlhfkit.training.loop as loop
 from rlhfkit.config import ConfigError, make_config
@@ -64,14 +64,13 @@ def rm_config(model: Path, data, out: Path, **values) -> RMConfig:
 def saved_models(monkeypatch) -> list:
     """Every model object a stage hands to save_model (the trained, in-memory model)."""
     seen = []
-    for module in (sft_train, rm_train):
-        original = module.save_model
+    original = rlhfkit_models.save_model
 
-        def capture(model, *args, _original=original, **kwargs):
-            seen.append(model)
-            return _original(model, *args, **kwargs)
+    def capture(model, *args, **kwargs):
+        seen.append(model)
+        return original(model, *args, **kwargs)
 
-        monkeypatch.setattr(module, "save_model", capture)
+    monkeypatch.setattr(rlhfkit_models, "save_model", capture)
     return seen
 
 

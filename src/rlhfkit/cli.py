@@ -31,14 +31,27 @@ tools:
 def _sft(argv: list[str]) -> int:
     from rlhfkit.sft.train import SFTConfig, run_sft
 
-    run_sft(parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."))
-    return 0
+    return _stage("sft", run_sft, parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."),
+                  argv)
 
 
 def _rm(argv: list[str]) -> int:
     from rlhfkit.rm.train import RMConfig, run_rm
 
-    run_rm(parse_config(RMConfig, argv, "rlhfkit rm", "Reward-model training on preference pairs (stage 2)."))
+    return _stage("rm", run_rm, parse_config(RMConfig, argv, "rlhfkit rm",
+                                             "Reward-model training on preference pairs (stage 2)."), argv)
+
+
+def _stage(command: str, run, config, argv: list[str]) -> int:
+    """Run a training stage here, or with --nproc N (outside torchrun) start N local ranks that run it."""
+    import os
+
+    from rlhfkit.training.distributed import close_world, launch
+
+    if config.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch(command, argv, config.nproc)
+    run(config)
+    close_world()
     return 0
 
 
@@ -169,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingError):
             print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
             return 1
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # say which rank brought the job down; torchrun stops the rest
+            print(f"rlhfkit {command}: rank {os.environ.get('RANK')} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
         raise
 
 

@@ -34,8 +34,12 @@ EVASIONS = ("I'm not sure.", "I don't know about that.", "Sorry, I'm not sure wh
 FILLER = ("and", "also", "then", "so", "the", "it", "very", "really", "maybe", "well", "and then", "you know")
 
 # What the SFT demonstrations hold: a mixture, as real demonstrations are, so SFT alone learns the mixture.
-SFT_MIX = {"good": 0.45, "partial": 0.15, "evasive": 0.10, "wrong_subject": 0.10, "repetition": 0.10,
+SFT_MIX = {"good": 0.35, "partial": 0.25, "evasive": 0.10, "wrong_subject": 0.10, "repetition": 0.10,
            "rambling": 0.10}
+# What the preference pairs compare: each side's kind drawn from this. Good against partial answers is the distinction
+# PPO has to learn beyond SFT; wrong-subject answers must be common enough that the reward model learns to check the
+# subject (with few of them it rates them as good ones, and PPO could exploit that).
+PAIR_MIX = {"good": 0.3, "partial": 0.2, "evasive": 0.1, "wrong_subject": 0.2, "repetition": 0.1, "rambling": 0.1}
 LABEL_NOISE = 0.1  # share of preference pairs whose label is flipped
 MIN_GAP = 0.5  # pairs closer than this in gold score are not labelled: an annotator could not tell them apart
 
@@ -174,12 +178,12 @@ def make_task(out: str | Path, seed: int, *, n_sft: int = 2000, n_pairs: int = 2
 
 def preference_pairs(questions: list[str], n: int, table: dict[str, Facts], rng: random.Random, noise: float
                      ) -> list[dict]:
-    """`n` pairs of responses of two different kinds whose gold scores differ by MIN_GAP or more, the better one
-    chosen; a share `noise` of labels flipped."""
-    kinds, pairs = list(SFT_MIX), []
+    """`n` pairs of responses whose gold scores differ by MIN_GAP or more, the better one chosen; a share `noise` of
+    labels flipped; the two kinds are drawn from PAIR_MIX."""
+    kinds, weights, pairs = list(PAIR_MIX), list(PAIR_MIX.values()), []
     while len(pairs) < n:
         q = rng.choice(questions)
-        a, b = (response(k, subject_of(q), table, rng) for k in rng.sample(kinds, 2))
+        a, b = (response(k, subject_of(q), table, rng) for k in rng.choices(kinds, weights, k=2))
         score_a, score_b = (gold_score(q, x, table[subject_of(q)]) for x in (a, b))
         if abs(score_a - score_b) < MIN_GAP:
             continue

@@ -113,6 +113,8 @@ class PPOConfig(CommonConfig):
                                                            "--reward-fn (a Python function)")
         require(bool(self.prompts), "prompts: required (one or more prompt files)")
         super().check()
+        require(self.strategy == "single" and self.nproc <= 1,
+                "strategy: PPO runs on one process so far (ddp and fsdp are for sft and rm)")
         for field in ("actor", "reward", "critic", "ref"):
             if getattr(self, field):
                 check_model_path(getattr(self, field), field)

@@ -323,7 +323,7 @@ def run_ppo(config: PPOConfig) -> Path:
     setup_logging()
     reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None  # a broken function fails first
     monitor_fn = load_reward_fn(config.monitor_fn, "monitor_fn") if config.monitor_fn else None
-    out, resume_from = start_run(config)
+    out, resume_from, _ = start_run(config)
 
     # Data before models, so that bad rows stop the run before anything loads.
     prompts = _load(config.prompts, "prompt", config, out)
@@ -390,20 +390,18 @@ def _train_state(config: PPOConfig, models: Models, iterations: int) -> TrainSta
 
 
 def _save(out: Path, step: int, models: Models, state: TrainState, keep_last: int) -> None:
-    weights = {"actor": trainable_state(models.actor), "critic": trainable_state(models.critic)}
-    if state.ema is not None:
-        weights["actor_ema"] = state.ema.shadow
-    save_checkpoint(out, step, weights=weights, optimizers=state.optimizers, schedulers=state.schedulers,
+    trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
+    save_checkpoint(out, step, models=trained, schedulers=state.schedulers,
+                    extra={"actor_ema": state.ema.shadow} if state.ema is not None else None,
                     state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)}, keep_last=keep_last)
 
 
 def _resume(checkpoint: Path, models: Models, state: TrainState) -> int:
     """Load everything `_save` wrote (and the RNG states) into place; return the iteration to start from."""
-    weights, saved = load_checkpoint(checkpoint, optimizers=state.optimizers, schedulers=state.schedulers)
-    load_trainable_state(models.actor, weights["actor"])
-    load_trainable_state(models.critic, weights["critic"])
+    trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
+    extra, saved = load_checkpoint(checkpoint, models=trained, schedulers=state.schedulers)
     if state.ema is not None:
-        state.ema.shadow = weights["actor_ema"]
+        state.ema.shadow = extra["actor_ema"]
     state.kl_ctl.value = saved["kl_coef"]
     state.moments = RunningMoments(**saved["reward_moments"])
     log.info(f"resumed from {checkpoint} at iteration {saved['step']}")

@@ -16,10 +16,11 @@ from rlhfkit.data.batching import chunks, pad_right, step_indices
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_pair
 from rlhfkit.data.formats import PreferencePair
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import autocast, load_sequence_classifier, load_tokenizer, save_model
+from rlhfkit.models import autocast, load_sequence_classifier, load_tokenizer
 from rlhfkit.rm.losses import LOSSES, pairwise_loss
 from rlhfkit.training.common import (SupervisedConfig, checkpoint_saver, load_train_eval, log, optimization,
-                                     setup_logging, start_run, with_lora)
+                                     save_final, setup_logging, start_run, with_lora)
+from rlhfkit.training.distributed import World, gather_share, rank_share, strided_share, wrap_model
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
@@ -70,18 +71,19 @@ def rm_loss_fn(loss_name: str):
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, dtype: str
+def score_pairs(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, dtype: str, world: World = World()
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen scores, rejected scores), each (B,)."""
+    """(chosen scores, rejected scores), each (B,); each rank scores a share."""
     model.eval()
-    chosen, rejected = [], []
-    for group in chunks(pairs, batch_size):
+    share, _ = strided_share(pairs, world)
+    scores = []
+    for group in chunks(share, batch_size):
         batch = collate_pairs(group, pad_id)
-        with autocast(dtype):
-            c, r = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+        with autocast(dtype, world.device):
+            both = sequence_scores(model, batch["input_ids"].to(world.device),
+                                   batch["attention_mask"].to(world.device))
+        scores.append(torch.stack(both.chunk(2), 1).cpu())  # (b, 2): chosen, rejected
+    return gather_share(torch.cat(scores), len(pairs), world).unbind(1)
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, loss_name: str
@@ -94,7 +96,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
 def run_rm(config: RMConfig) -> Path:
     """Train and write OUTPUT/final (Hugging Face format, with the score mean and std for PPO)."""
     setup_logging()
-    out, resume_from = start_run(config)
+    out, resume_from, world = start_run(config)
 
     train_rows, eval_rows = load_train_eval(config, "preference", out)
     tokenizer = load_tokenizer(config.model)
@@ -109,35 +111,42 @@ def run_rm(config: RMConfig) -> Path:
     model = load_sequence_classifier(config.model, tokenizer, attn_implementation=config.attn_implementation,
                                      gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "SEQ_CLS")
-    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from)
+    model = wrap_model(model, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from, world)
     pad = tokenizer.pad_token_id
 
     def step_batches(step: int) -> list[dict]:
-        indices = step_indices(len(train_set), config.batch_size, config.seed, step)
+        indices = rank_share(step_indices(len(train_set), config.batch_size, config.seed, step), world)
         return [collate_pairs([train_set[i] for i in part], pad) for part in chunks(indices, config.micro)]
 
     def eval_fn() -> dict[str, float]:
         if not eval_set:
             return {}
-        chosen, rejected = score_pairs(model, eval_set, pad, config.micro, config.dtype)
+        chosen, rejected = score_pairs(model, eval_set, pad, config.micro, config.dtype, world)
         return pair_metrics(chosen, rejected, torch.tensor([p[2] for p in eval_set]), config.loss)
 
-    logger = RunLogger(out, total_steps=steps, start_step=start, desc="rm", wandb_project=config.wandb_project)
+    logger = RunLogger(out, total_steps=steps, start_step=start, desc="rm", wandb_project=config.wandb_project,
+                       enabled=world.main)
     try:
         fit(model, loss_fn=rm_loss_fn(config.loss), step_batches=step_batches, optimizer=optimizer,
             scheduler=scheduler, start_step=start, max_steps=steps, max_grad_norm=config.max_grad_norm,
             dtype=config.dtype, logger=logger, eval_fn=eval_fn, eval_every=config.eval_every,
-            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last),
-            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps)
+            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last, world),
+            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world)
     finally:
         logger.close()
 
     # PPO normalises rewards with the score distribution on held-out responses (training pairs if none are held out).
     reference = eval_set or train_set[:512]
-    chosen, rejected = score_pairs(model, reference, pad, config.micro, config.dtype)
+    chosen, rejected = score_pairs(model, reference, pad, config.micro, config.dtype, world)
     scores = torch.cat([chosen, rejected])
     reward_stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 1.0,
                     "count": len(scores)}
-    final = save_model(model, tokenizer, out / "final", merge_lora=config.lora_merge, reward_stats=reward_stats)
+
+    def fresh_model():  # FSDP's gathered weights are written through an unsharded copy
+        return with_lora(load_sequence_classifier(config.model, tokenizer, seed=config.seed), config, "SEQ_CLS")
+
+    final = save_final(model, tokenizer, out / "final", world, fresh_model, merge_lora=config.lora_merge,
+                       reward_stats=reward_stats)
     log.info(f"final reward model: {final} (score mean {reward_stats['mean']:.4f}, std {reward_stats['std']:.4f})")
     return final

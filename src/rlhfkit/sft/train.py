@@ -13,9 +13,10 @@ from rlhfkit.config import ConfigError, option
 from rlhfkit.data.batching import chunks, pad_right, step_indices
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import autocast, load_causal_lm, load_tokenizer, save_model
+from rlhfkit.models import autocast, load_causal_lm, load_tokenizer
 from rlhfkit.training.common import (SupervisedConfig, checkpoint_saver, load_train_eval, log, optimization,
-                                     setup_logging, start_run, with_lora)
+                                     save_final, setup_logging, start_run, with_lora)
+from rlhfkit.training.distributed import World, gather_share, rank_share, strided_share, wrap_model
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
@@ -44,16 +45,27 @@ def collate(examples: list[Encoded], pad_id: int) -> dict:
     return batch
 
 
+def example_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss, trained tokens) of each example, each (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    targets = batch["loss_mask"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1][targets].float(), batch["input_ids"][:, 1:][targets], reduction="none")
+    rows = targets.nonzero()[:, 0]  # (N,) the example each trained token belongs to
+    return torch.zeros(len(targets), device=losses.device).index_add_(0, rows, losses), targets.sum(1).float()
+
+
 @torch.no_grad()
-def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, dtype: str) -> dict[str, float]:
-    """Mean token loss and perplexity on held-out examples."""
+def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, dtype: str, world: World = World()
+             ) -> dict[str, float]:
+    """Mean token loss and perplexity on held-out examples (each rank scores a share)."""
     model.eval()
-    total, count = 0.0, 0
-    for group in chunks(examples, batch_size):
-        batch = collate(group, pad_id)
-        with autocast(dtype):
-            loss_sum, _ = sft_loss(model, batch)
-        total, count = total + loss_sum.item(), count + batch["num_items"]
+    share, _ = strided_share(examples, world)
+    per_example = []
+    for group in chunks(share, batch_size):
+        batch = {k: v.to(world.device) for k, v in collate(group, pad_id).items() if isinstance(v, torch.Tensor)}
+        with autocast(dtype, world.device):
+            per_example.append(torch.stack(example_losses(model, batch), 1).cpu())
+    total, count = gather_share(torch.cat(per_example), len(examples), world).sum(0).tolist()
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -61,7 +73,7 @@ def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, dtype
 def run_sft(config: SFTConfig) -> Path:
     """Train and write OUTPUT/final (Hugging Face format); returns that folder."""
     setup_logging()
-    out, resume_from = start_run(config)
+    out, resume_from, world = start_run(config)
 
     # Data first, so that bad rows stop the run before any model is loaded.
     train_rows, eval_rows = load_train_eval(config, "sft", out)
@@ -79,24 +91,30 @@ def run_sft(config: SFTConfig) -> Path:
     model = load_causal_lm(config.model, tokenizer, attn_implementation=config.attn_implementation,
                            gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "CAUSAL_LM")
-    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from)
+    model = wrap_model(model, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from, world)
 
     def step_batches(step: int) -> list[dict]:
-        indices = step_indices(len(train_set), config.batch_size, config.seed, step)
+        indices = rank_share(step_indices(len(train_set), config.batch_size, config.seed, step), world)
         return [collate([train_set[i] for i in part], tokenizer.pad_token_id) for part in chunks(indices, config.micro)]
 
     def eval_fn() -> dict[str, float]:
-        return evaluate(model, eval_set, tokenizer.pad_token_id, config.micro, config.dtype) if eval_set else {}
+        return evaluate(model, eval_set, tokenizer.pad_token_id, config.micro, config.dtype, world) if eval_set else {}
 
-    logger = RunLogger(out, total_steps=steps, start_step=start, desc="sft", wandb_project=config.wandb_project)
+    logger = RunLogger(out, total_steps=steps, start_step=start, desc="sft", wandb_project=config.wandb_project,
+                       enabled=world.main)
     try:
         fit(model, loss_fn=sft_loss, step_batches=step_batches, optimizer=optimizer, scheduler=scheduler,
             start_step=start, max_steps=steps, max_grad_norm=config.max_grad_norm, dtype=config.dtype,
             logger=logger, eval_fn=eval_fn, eval_every=config.eval_every,
-            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last),
-            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps)
+            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last, world),
+            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world)
     finally:
         logger.close()
-    final = save_model(model, tokenizer, out / "final", merge_lora=config.lora_merge)
+
+    def fresh_model():  # FSDP's gathered weights are written through an unsharded copy
+        return with_lora(load_causal_lm(config.model, tokenizer, seed=config.seed), config, "CAUSAL_LM")
+
+    final = save_final(model, tokenizer, out / "final", world, fresh_model, merge_lora=config.lora_merge)
     log.info(f"final model: {final}")
     return final

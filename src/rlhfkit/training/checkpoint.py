@@ -1,23 +1,39 @@
-"""Atomic checkpoints: trainable weights (safetensors), optimizer and scheduler states, RNG states and run state.
+"""Atomic checkpoints with torch.distributed.checkpoint: the same format for one process and many.
 
-A checkpoint is written to a hidden temporary folder and renamed into place, so a crash leaves either a whole
-checkpoint or none. Layout: `OUTPUT/checkpoints/step-00000010/{NAME.safetensors, NAME.optim.pt, NAME.sched.pt,
-rng.pt, state.json}` where NAME is each trained model ("model", or "actor" and "critic" for PPO).
+Each trained model and its optimizer go into one DCP folder that every rank writes its shard of; DCP reshards on
+load, so an FSDP run written on N ranks continues on M (or on one process). A checkpoint is written to a hidden
+temporary folder and renamed into place once every rank is done, so a crash leaves a whole checkpoint or none.
+Layout: `OUTPUT/checkpoints/step-00000010/{NAME/ (DCP), NAME.sched.pt, EXTRA.safetensors, rng-RANK.pt, state.json}`,
+NAME being each trained model ("model", or "actor" and "critic" for PPO); EXTRA plain tensors such as PPO's EMA.
+Several nodes need OUTPUT on a filesystem they share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from rlhfkit.training.distributed import World
 
 PREFIX = "step-"
+# Frozen weights (a LoRA run's base model) come back from the model files, not from checkpoints. Loading is not
+# strict about them; dcp.load itself fails on any trained tensor the checkpoint lacks.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+TrainedModels = dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]  # name -> (model, its optimizer)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -56,45 +72,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(out: str | Path, step: int, *, weights: dict[str, dict[str, torch.Tensor]],
-                    optimizers: dict[str, Any], schedulers: dict[str, Any], state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
+def save_checkpoint(out: str | Path, step: int, *, models: TrainedModels, schedulers: dict[str, Any],
+                    state: dict[str, Any], keep_last: int, extra: dict[str, dict[str, torch.Tensor]] | None = None,
+                    world: World = World()) -> Path:
+    """Write checkpoint `step` atomically (every rank calls this) and delete all but the newest `keep_last`."""
     folder = checkpoint_dir(Path(out))
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, tensors in weights.items():
-        save_file(tensors, str(tmp / f"{name}.safetensors"))
-    for name, opt in optimizers.items():
-        torch.save(opt.state_dict(), tmp / f"{name}.optim.pt")
-    for name, sched in schedulers.items():
-        torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    for f in tmp.iterdir():  # the data must reach the disk before the rename makes the checkpoint visible
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    done = sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old)
+    if world.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world.barrier()
+    for name, (model, optimizer) in models.items():
+        model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+        with _one_process_quiet():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / name,
+                     no_dist=not dist.is_initialized())
+    torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
+    if world.main:
+        for name, sched in schedulers.items():
+            torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "ranks": world.size, **state}, indent=2))
+    world.barrier()
+    if world.main:
+        for f in tmp.rglob("*"):  # the data must reach the disk before the rename makes the checkpoint visible
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX))
+        for old in done[:-keep_last]:
+            shutil.rmtree(old)
+    world.barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, *, optimizers: dict[str, Any], schedulers: dict[str, Any]
+def load_checkpoint(path: str | Path, *, models: TrainedModels, schedulers: dict[str, Any], world: World = World()
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Restore optimizers, schedulers and RNG states in place; return (weights by model name, run state)."""
+    """Restore models, optimizers, schedulers and RNG states in place; return (extra tensors by name, run state)."""
     path = Path(path)
-    weights = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")}
-    for name, opt in optimizers.items():
-        opt.load_state_dict(torch.load(path / f"{name}.optim.pt", weights_only=False))
+    for name, (model, optimizer) in models.items():
+        if not (path / name / ".metadata").is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint of {name!r} (is this a checkpoint of this stage?)")
+        model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+        loaded = {"model": model_state, "optimizer": optim_state}
+        with _one_process_quiet():
+            dcp.load(loaded, checkpoint_id=path / name, no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
+                       options=_LOAD_OPTIONS)
     for name, sched in schedulers.items():
         sched.load_state_dict(torch.load(path / f"{name}.sched.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return weights, json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    rng = path / f"rng-{world.rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    elif world.main:  # a run continued on more ranks than wrote it: the new ranks' random streams start afresh
+        import logging
+
+        logging.getLogger("rlhfkit").warning(f"{path} was written by {state.get('ranks')} ranks; rank "
+                                             f"{world.rank} and above start new random streams")
+    extra = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")}
+    return extra, state
+
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

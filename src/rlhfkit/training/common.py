@@ -14,6 +14,7 @@ import torch
 from rlhfkit.config import ConfigError, option, require, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
 from rlhfkit.training.checkpoint import latest_checkpoint
+from rlhfkit.training.distributed import World
 
 log = logging.getLogger("rlhfkit")
 
@@ -67,6 +68,16 @@ class CommonConfig:
     log_every: int = option(1, "log metrics every N steps", group="training")
     wandb_project: str = option("", "also log to this Weights & Biases project (needs wandb installed)",
                                 group="training")
+    # several processes (torchrun, or --nproc)
+    strategy: str = option("single", "single: one process; ddp: each rank holds the whole model; fsdp: FSDP2 shards "
+                                     "parameters, gradients and optimizer state over the ranks", group="distributed",
+                           choices=("single", "ddp", "fsdp"))
+    nproc: int = option(0, "start this many processes on this machine (torchrun) and run there; 0 = this process",
+                        group="distributed")
+    fsdp_cpu_offload: bool = option(False, "FSDP: keep parameters, gradients and optimizer state in CPU memory",
+                                    group="distributed")
+    dist_timeout_s: float = option(1800.0, "seconds a collective waits for the other ranks before the run fails",
+                                   group="distributed")
 
     def check(self) -> None:
         require(bool(self.output), "output: required (a folder for checkpoints and the final model)")
@@ -85,6 +96,11 @@ class CommonConfig:
             require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
         require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
         require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        require(self.nproc >= 0, f"nproc: must be >= 0, got {self.nproc}")
+        require(self.nproc <= 1 or self.strategy != "single",
+                f"nproc: {self.nproc} processes need --strategy ddp or fsdp")
+        require(self.dist_timeout_s > 0, f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
+        require(self.strategy == "fsdp" or not self.fsdp_cpu_offload, "fsdp_cpu_offload: needs --strategy fsdp")
 
     @property
     def micro(self) -> int:
@@ -151,8 +167,15 @@ def setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def start_run(config: CommonConfig) -> tuple[Path, Path | None]:
-    """Create the output folder, write the resolved config, seed everything; return (output, checkpoint to resume)."""
+def start_run(config: CommonConfig) -> tuple[Path, Path | None, World]:
+    """Join the other ranks (if any), create the output folder, write the resolved config, seed everything; return
+    (output, checkpoint to resume, this process's World)."""
+    from rlhfkit.training.distributed import init_world
+
+    world = init_world(config.strategy, config.dist_timeout_s)
+    if config.batch_size % world.size:
+        raise ConfigError(f"batch_size: the global batch of {config.batch_size} must split evenly over the "
+                          f"{world.size} ranks")
     out = Path(config.output)
     resume_from = None
     if config.resume:
@@ -165,9 +188,10 @@ def start_run(config: CommonConfig) -> tuple[Path, Path | None]:
         raise ConfigError(f"output: {out} already holds checkpoints; pass --resume to continue that run, "
                           "or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    write_config(config, out / "config.yaml")
+    if world.main:
+        write_config(config, out / "config.yaml")
     seed_everything(config.seed)
-    return out, resume_from
+    return out, resume_from, world
 
 
 def seed_everything(seed: int) -> None:
@@ -235,34 +259,51 @@ def with_lora(model, config: CommonConfig, task: str):
                     target_modules=config.lora_target_modules, task=task)
 
 
-def optimization(model, config: CommonConfig, n_train: int, resume_from: Path | None):
-    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume_from` when given."""
+def optimization(model, config: CommonConfig, n_train: int, resume_from: Path | None, world: World):
+    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume_from` when given.
+    Under FSDP, `model` must already be sharded: the optimizer holds the shards."""
     steps = total_steps(config, n_train)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
-    return optimizer, scheduler, steps, resume_training(model, optimizer, scheduler, resume_from)
+    start = 0
+    if resume_from is not None:
+        from rlhfkit.training.checkpoint import load_checkpoint
+
+        _, state = load_checkpoint(resume_from, models={"model": (model, optimizer)},
+                                   schedulers={"model": scheduler}, world=world)
+        start = int(state["step"])
+        log.info(f"resumed from {resume_from} at step {start}")
+    return optimizer, scheduler, steps, start
 
 
-def resume_training(model, optimizer, scheduler, resume_from: Path | None) -> int:
-    """Load a checkpoint's weights, optimizer, schedule and RNG states into place; return the step to start from."""
-    if resume_from is None:
-        return 0
-    from rlhfkit.models import load_trainable_state
-    from rlhfkit.training.checkpoint import load_checkpoint
-
-    weights, state = load_checkpoint(resume_from, optimizers={"model": optimizer}, schedulers={"model": scheduler})
-    load_trainable_state(model, weights["model"])
-    log.info(f"resumed from {resume_from} at step {state['step']}")
-    return int(state["step"])
-
-
-def checkpoint_saver(out: Path, model, optimizer, scheduler, keep_last: int):
-    """save(step): an atomic checkpoint of everything needed to continue exactly from `step`."""
-    from rlhfkit.models import trainable_state
+def checkpoint_saver(out: Path, model, optimizer, scheduler, keep_last: int, world: World):
+    """save(step): an atomic checkpoint of everything needed to continue exactly from `step` (all ranks call it)."""
     from rlhfkit.training.checkpoint import save_checkpoint
 
     def save(step: int) -> Path:
-        return save_checkpoint(out, step, weights={"model": trainable_state(model)}, optimizers={"model": optimizer},
-                               schedulers={"model": scheduler}, state={}, keep_last=keep_last)
+        return save_checkpoint(out, step, models={"model": (model, optimizer)}, schedulers={"model": scheduler},
+                               state={}, keep_last=keep_last, world=world)
 
     return save
+
+
+def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, merge_lora: bool,
+               reward_stats: dict | None = None) -> Path:
+    """Write the trained model once, in Hugging Face format, from rank 0 (all ranks call this).
+
+    Under FSDP the ranks first gather the full weights; rank 0 loads them into `fresh_model()`, an unsharded model of
+    the same shape, and writes that."""
+    from rlhfkit.models import save_model
+    from rlhfkit.training.distributed import unwrap
+
+    if world.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.main:
+            model = fresh_model()
+            model.load_state_dict(full)
+    if world.main:
+        save_model(unwrap(model), tokenizer, folder, merge_lora=merge_lora, reward_stats=reward_stats)
+    world.barrier()
+    return folder

@@ -1,7 +1,7 @@
 """The supervised training loop that SFT and reward-model training share.
 
-One step: take the step's micro-batches, accumulate gradients of loss_sum / items_in_step (so accumulation equals one
-big batch exactly), clip, step the optimizer and schedule, log; evaluate and checkpoint on their schedules. A
+One step: take the step's micro-batches (this rank's share of them), accumulate gradients of loss_sum / items_in_step
+(items of the global batch, so accumulation and ranks equal one big batch), clip, step the optimizer and schedule, log; evaluate and checkpoint on their schedules. A
 non-finite loss or gradient skips the step (data is still consumed, so resume stays exact) and several in a row stop
 the run.
 """
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from rlhfkit.models import autocast
+from rlhfkit.training.distributed import World, full_tensor, gradient_sync
 from rlhfkit.training.metrics import RunLogger
 
 MicroBatch = dict[str, Any]  # tensors (B, T) plus "num_items": how many loss items (tokens or pairs) it holds
@@ -44,51 +45,56 @@ class StepStats:
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn: LossFn,
-               optimizer: torch.optim.Optimizer, scheduler, *, max_grad_norm: float, dtype: str) -> StepStats:
-    """One optimizer step over the micro-batches of one global batch."""
+               optimizer: torch.optim.Optimizer, scheduler, *, max_grad_norm: float, dtype: str,
+               world: World = World()) -> StepStats:
+    """One optimizer step over this rank's micro-batches of one global batch (all of it on one process)."""
     start = time.perf_counter()
-    n_items = sum(mb["num_items"] for mb in micro_batches)
+    local = [sum(mb["num_items"] for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+             sum(mb["input_ids"].shape[0] for mb in micro_batches)]
+    n_items, tokens, sequences = world.sum(local)
+    # DDP and FSDP average the ranks' gradients: dividing by n_items / size makes that the global batch's sum / n_items.
+    divisor = n_items / world.size
     total_loss, sums, finite = 0.0, {}, True
-    for mb in micro_batches:
-        with autocast(dtype, mb["input_ids"].device):
-            loss_sum, stats = loss_fn(model, mb)
-        if not torch.isfinite(loss_sum):
-            finite = False
-            break
-        (loss_sum / n_items).backward()
+    for i, mb in enumerate(micro_batches):
+        mb = {k: v.to(world.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            with autocast(dtype, world.device):
+                loss_sum, stats = loss_fn(model, mb)
+            finite = finite and bool(torch.isfinite(loss_sum))
+            (loss_sum / divisor).backward()  # even when not finite: the other ranks' reductions wait for this one
         total_loss += loss_sum.item()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
-    grad_norm = float("nan")
-    if finite:
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        grad_norm = norm.item()
-        finite = math.isfinite(grad_norm)
+    keys = sorted(sums)
+    reduced = world.sum([total_loss, float(not finite)] + [sums[k] for k in keys])
+    total_loss, finite, sums = reduced[0], reduced[1] == 0, dict(zip(keys, reduced[2:]))
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = float(full_tensor(norm))
+    finite = finite and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    sequences = sum(mb["input_ids"].shape[0] for mb in micro_batches)
     return StepStats(loss=total_loss / n_items if finite else float("nan"), grad_norm=grad_norm, lr=lr,
-                     seconds=time.perf_counter() - start, sequences=sequences, tokens=tokens, skipped=not finite,
-                     extra={k: v / n_items for k, v in sums.items()} if finite else {})
+                     seconds=time.perf_counter() - start, sequences=int(sequences), tokens=int(tokens),
+                     skipped=not finite, extra={k: v / n_items for k, v in sums.items()} if finite else {})
 
 
 def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int], list[MicroBatch]],
         optimizer: torch.optim.Optimizer, scheduler, start_step: int, max_steps: int, max_grad_norm: float,
         dtype: str, logger: RunLogger, eval_fn: Callable[[], dict[str, float]] | None, eval_every: int,
-        save_fn: Callable[[int], Any] | None, save_every: int, log_every: int = 1, max_bad_steps: int = 5
-        ) -> dict[str, float]:
-    """Train from `start_step` to `max_steps`; returns the last evaluation's metrics."""
+        save_fn: Callable[[int], Any] | None, save_every: int, log_every: int = 1, max_bad_steps: int = 5,
+        world: World = World()) -> dict[str, float]:
+    """Train from `start_step` to `max_steps`; returns the last evaluation's metrics. Every rank runs this; the logger
+    of ranks other than 0 is silent, and evaluation and saving are collective."""
     bad_in_a_row = 0
     last_eval: dict[str, float] = {}
     for step in range(start_step, max_steps):
         model.train()
         stats = train_step(model, step_batches(step), loss_fn, optimizer, scheduler,
-                           max_grad_norm=max_grad_norm, dtype=dtype)
+                           max_grad_norm=max_grad_norm, dtype=dtype, world=world)
         done = step + 1
         if stats.skipped:
             bad_in_a_row += 1

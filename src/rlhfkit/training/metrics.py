@@ -11,10 +11,16 @@ from tqdm.auto import tqdm
 
 
 class RunLogger:
-    """One record per logged step: {"step": s, "split": "train"|"eval"|..., metric: value, ...}."""
+    """One record per logged step: {"step": s, "split": "train"|"eval"|..., metric: value, ...}.
+
+    `enabled` False (ranks other than 0) makes every method a no-op: one process reports a run."""
 
     def __init__(self, out: str | Path, *, total_steps: int, start_step: int = 0, desc: str = "train",
-                 wandb_project: str = "", config: dict[str, Any] | None = None, tensorboard: bool = True):
+                 wandb_project: str = "", config: dict[str, Any] | None = None, tensorboard: bool = True,
+                 enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = Path(out) / "metrics.jsonl"
         self._drop_records_after(start_step)
         self.file = open(self.path, "a", encoding="utf-8")
@@ -41,6 +47,8 @@ class RunLogger:
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -51,14 +59,20 @@ class RunLogger:
             self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
 
     def progress(self, step: int, shown: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def write(self, text: str) -> None:
         """Print above the progress bar."""
+        if not self.enabled:
+            return
         self.bar.write(text)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.file.close()
         if self.tb is not None:

@@ -1,0 +1,207 @@
+"""Several processes (torchrun): the process group, DDP or FSDP2 wrapping, each rank's share of a global batch, sums.
+
+A run is one process unless torchrun (or `--nproc`) starts more. With the strategy "single" on one process, every
+function here is the identity, so the training code has one path for all cases. The rules that keep the optimisation
+independent of the number of ranks:
+- a global batch is split into equal contiguous shares, rank r taking the r-th (`rank_share`);
+- a loss is a sum over items divided by the item count of the *global* batch (`World.sum` of the local counts);
+- DDP and FSDP average gradients over ranks, so each rank's loss is multiplied by the world size to make that average
+  a sum (`World.size` in `train_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("rlhfkit")
+
+STRATEGIES = ("single", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a run."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    strategy: str = "single"
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, shows the progress bar and writes the final model."""
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, so counts and loss sums stay exact)."""
+        if self.size == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(size * N, ...) the ranks' (N, ...) tensors, rank 0's first."""
+        if self.size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor, device=self._comm_device()) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.to(self._comm_device()))
+        return torch.cat([p.to(tensor.device) for p in parts])
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_world(strategy: str, timeout_s: float) -> World:
+    """Join the process group torchrun set up (environment RANK, WORLD_SIZE, ...): nccl on GPUs, gloo on CPUs.
+
+    "ddp" or "fsdp" on one process without torchrun makes a group of one, so a run can continue on one process
+    from a checkpoint written on several.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "single":
+        if size > 1:
+            from rlhfkit.config import ConfigError
+
+            raise ConfigError(f"strategy: torchrun started {size} processes, but the strategy is single; "
+                              "pass --strategy ddp or --strategy fsdp")
+        return World()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # not under torchrun: a group of one on this machine
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                  strategy=strategy)
+    if not world.main:  # one voice: the other ranks only report problems
+        log.setLevel(logging.WARNING)
+    return world
+
+
+def launch(command: str, argv: list[str], nproc: int) -> int:
+    """`rlhfkit COMMAND ARGV` on `nproc` ranks of this machine, started by torchrun; returns its exit code (non-zero
+    when any rank failed: torchrun stops the others)."""
+    import subprocess
+    import sys
+
+    # The ranks run under torchrun already; torchrun would also misread --nproc as its own --nproc-per-node.
+    argv = [a for i, a in enumerate(argv) if not a.startswith("--nproc=") and a != "--nproc"
+            and (i == 0 or argv[i - 1] != "--nproc")]
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv])
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_share(items: list, world: World) -> list:
+    """Rank r's contiguous share of a global batch; len(items) must be a multiple of the world size."""
+    if len(items) % world.size:
+        raise ValueError(f"a global batch of {len(items)} does not split evenly over {world.size} ranks")
+    per = len(items) // world.size
+    return items[world.rank * per:(world.rank + 1) * per]
+
+
+def strided_share(items: list, world: World) -> tuple[list, int]:
+    """(items rank::size, padded by repeating its last item so every rank holds the same count; the real count).
+
+    For evaluation, where each rank scores a share and `gather_share` puts the global order back: under FSDP every rank
+    must run the same number of forward passes.
+    """
+    share = items[world.rank::world.size]
+    per = -(-len(items) // world.size)
+    real = len(share)
+    return share + share[-1:] * (per - real) if share else items[:1] * per, real
+
+
+def gather_share(values: torch.Tensor, n: int, world: World) -> torch.Tensor:
+    """The (n, ...) values of all items in their global order, from each rank's (per, ...) values of `strided_share`."""
+    if world.size == 1:
+        return values[:n]
+    per = values.shape[0]
+    stacked = world.gather(values).reshape(world.size, per, *values.shape[1:])
+    return stacked.transpose(0, 1).reshape(world.size * per, *values.shape[1:])[:n]
+
+
+def wrap_model(model: torch.nn.Module, world: World, *, dtype: str = "float32", cpu_offload: bool = False
+               ) -> torch.nn.Module:
+    """The trained model as the strategy needs it: unchanged (single), DDP, or FSDP2 with each decoder layer a unit.
+
+    FSDP: `cpu_offload` keeps parameters, gradients and optimizer state on the CPU; dtype bfloat16 computes in bf16
+    and reduces gradients in float32.
+    """
+    model.to(world.device)
+    if world.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    if world.strategy == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                     if dtype == "bfloat16" else MixedPrecisionPolicy())
+        options = dict(mp_policy=precision, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+        for layer in decoder_layers(model):
+            fully_shard(layer, **options)
+        fully_shard(model, **options)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found by the class names transformers lists in `_no_split_modules`."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers to shard (its _no_split_modules is empty)")
+    return layers
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place, so there is nothing to remove)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient reduction for all but the last micro-batch of a step: the reduced sum is the same."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def full_tensor(value):
+    """A plain tensor from what FSDP may return as a DTensor (a gradient norm, a sharded parameter)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
