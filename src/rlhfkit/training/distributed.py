@@ -165,6 +165,9 @@ def wrap_model(model: torch.nn.Module, world: World, *, dtype: str = "float32", 
     if world.strategy == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        if cpu_offload and world.device.type == "cpu":
+            log.warning("fsdp_cpu_offload: ignored, the model already lives in CPU memory (no GPU)")
+            cpu_offload = False
         precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                      if dtype == "bfloat16" else MixedPrecisionPolicy())
         options = dict(mp_policy=precision, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
