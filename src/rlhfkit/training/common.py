@@ -14,7 +14,7 @@ import torch
 from rlhfkit.config import ConfigError, option, require, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
 from rlhfkit.training.checkpoint import latest_checkpoint
-from rlhfkit.training.distributed import World
+from rlhfkit.training.distributed import World, init_world, unwrap
 
 log = logging.getLogger("rlhfkit")
 
@@ -170,8 +170,6 @@ def setup_logging() -> None:
 def start_run(config: CommonConfig) -> tuple[Path, Path | None, World]:
     """Join the other ranks (if any), create the output folder, write the resolved config, seed everything; return
     (output, checkpoint to resume, this process's World)."""
-    from rlhfkit.training.distributed import init_world
-
     world = init_world(config.strategy, config.dist_timeout_s)
     if config.batch_size % world.size:
         raise ConfigError(f"batch_size: the global batch of {config.batch_size} must split evenly over the "
@@ -294,7 +292,6 @@ def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, mer
     Under FSDP the ranks first gather the full weights; rank 0 loads them into `fresh_model()`, an unsharded model of
     the same shape, and writes that."""
     from rlhfkit.models import save_model
-    from rlhfkit.training.distributed import unwrap
 
     if world.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
