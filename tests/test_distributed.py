@@ -1,5 +1,5 @@
-"""SFT and reward-model training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one process on
-the same global batch, DCP checkpoints that survive SIGKILL and reshard from 2 ranks to 1, a dead rank ends the job.
+"""SFT, reward-model and PPO training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one process
+on the same global batch, DCP checkpoints that survive SIGKILL and reshard from 2 ranks to 1, a dead rank ends the job.
 
 Each run is a real `rlhfkit ... --nproc 2` (torchrun) subprocess. Run these alone with `pytest -m distributed`.
 """
@@ -165,6 +165,92 @@ def test_a_dead_rank_takes_the_job_down(tiny_models, data, tmp_path):
     output, _ = process.communicate(timeout=60)  # no hang: torchrun stops rank 0 and fails
     assert process.returncode != 0
     assert "exitcode  : -9" in output or "Signal 9" in output, output[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------- PPO
+PPO_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """{name: output} of 3-iteration PPO runs on one process and on 2 ranks: full models with a frozen reward model
+    (DDP; FSDP with the reference and reward model sharded too), and LoRA with the reward model as the critic's
+    disabled adapter and the reference as the actor's (one process; FSDP, checkpointing at iteration 2).
+
+    Sampling with top_k 1 makes the rollouts the same whatever the number of ranks, so the runs must agree; the stop
+    string "e" ends responses at different lengths, so each rank's share comes back with its own padding."""
+    from rlhfkit.models import load_sequence_classifier, load_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("dist-ppo")
+    llama = tiny_models["llama"]
+    tokenizer = load_tokenizer(str(llama))
+    reward = save_model(load_sequence_classifier(str(llama), tokenizer, seed=7), tokenizer, root / "rm")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"\n\nHuman: What color is item {k}?" +
+                                                             " Say more." * (k % 3) + "\n\nAssistant:"}
+                                                            for k in range(32)])
+    ptx = write_jsonl(root / "ptx.jsonl", [{"text": f"Item {k} is red and item {k + 1} is blue."} for k in range(16)])
+
+    def args(name: str, **extra) -> list[str]:
+        values = dict(actor=llama, reward=reward, prompts=prompts, output=root / name, batch_size=8,
+                      mini_batch_size=4, micro_batch_size=2, ppo_epochs=2, max_new_tokens=6, top_k=1,
+                      stop_strings="e", lr=3e-3, critic_lr=3e-3, lr_schedule="constant", max_steps=PPO_STEPS,
+                      ptx_data=ptx, ptx_coef=0.5, ema_decay=0.9, reward_norm="running", sample_every=0,
+                      save_every=0) | extra
+        return ["ppo"] + [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+
+    lora = dict(lora_r=4, lora_merge="false", save_every=2, keep_last=5)
+    plans = {"single": args("single"), "single-lora": args("single-lora", **lora),
+             "ddp": args("ddp", strategy="ddp", nproc=2),
+             "fsdp": args("fsdp", strategy="fsdp", nproc=2, shard_frozen="true"),
+             "fsdp-lora": args("fsdp-lora", strategy="fsdp", nproc=2, **lora)}
+    for group in (["single", "single-lora", "ddp"], ["fsdp", "fsdp-lora"]):  # 4 processes at most
+        started = {name: rlhfkit(plans[name]) for name in group}
+        for process in started.values():
+            finish(process)
+    return {name: root / name for name in plans} | {"args:" + k: v for k, v in plans.items()}
+
+
+def ppo_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def all_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("single, two", [("single", "ddp"), ("single", "fsdp"), ("single-lora", "fsdp-lora")])
+def test_ppo_on_two_ranks_matches_one_process(ppo_runs, single, two):
+    one, both = ppo_records(ppo_runs[single]), ppo_records(ppo_runs[two])
+    assert len(one) == len(both) == PPO_STEPS  # rank 0 alone logs
+    # The rollouts: the same scores and lengths, and responses of several lengths (the shares were re-padded).
+    for key in ("score", "response_length", "eos_rate", "kl"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in both]), torch.tensor([r[key] for r in one]),
+                                   rtol=1e-4, atol=1e-6, msg=key)
+    assert any(0 < r["eos_rate"] < 1 for r in one)  # some responses stopped, others ran to max_new_tokens
+    # The whitening statistics are those of the global batch, not of a rank's share; so are the losses, which are
+    # means over all tokens of each minibatch.
+    for key in ("advantage_mean", "advantage_std", "value_loss", "policy_loss", "ptx_loss", "critic_grad_norm",
+                "actor_grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in both]), torch.tensor([r[key] for r in one]),
+                                   rtol=1e-4, atol=1e-6, msg=key)
+    assert one[-1]["advantage_std"] > 0.1 and one[-1]["kl"] > 0.01  # the statistics compared are not trivial
+    for folder in ("final", "final_critic", "final_ema"):
+        assert_close_weights(all_weights(ppo_runs[two] / folder), all_weights(ppo_runs[single] / folder), atol=1e-5)
+
+
+def test_ppo_fsdp_checkpoint_from_two_ranks_resumes_on_one_process(ppo_runs, tmp_path):
+    """The LoRA FSDP run's iteration-2 checkpoint (actor, critic, their optimizers, the EMA, the running reward
+    statistics) continues on one plain process to the 2-rank run's final weights."""
+    checkpoint = ppo_runs["fsdp-lora"] / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in (checkpoint / "extra").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    out = tmp_path / "one"
+    args = [a for a in ppo_runs["args:fsdp-lora"] if not a.startswith(("--strategy", "--nproc", "--output"))]
+    finish(rlhfkit(args + [f"--output={out}", f"--resume={checkpoint}"]))
+    resumed, two = ppo_records(out), ppo_records(ppo_runs["fsdp-lora"])
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["value_loss"] == pytest.approx(two[-1]["value_loss"], rel=1e-4)
+    for folder in ("final", "final_critic", "final_ema"):
+        assert_close_weights(all_weights(out / folder), all_weights(ppo_runs["fsdp-lora"] / folder), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ shares, in one process

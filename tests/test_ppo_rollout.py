@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from rlhfkit.config import ConfigError
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.models import add_lora, load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhfkit.ppo.rollout import (Rollout, Sampling, disable_dropout, generate, last_token_scores, left_pad,
+from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, last_token_scores,
+                                 left_pad, pad_responses,
                                  position_ids, response_logprobs, stop_string_ends, token_values)
 from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, call_reward_fn, load_reward_fn,
                                  same_vocabulary, shape_scores)
@@ -74,6 +75,23 @@ def test_left_pad_and_position_ids_exact():
     attention = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]])
     # Attended tokens count 0, 1, 2, ...; padding never shifts them.
     assert position_ids(attention).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 1, 1]]
+
+
+def test_concat_rollouts_repads_each_ranks_share_exactly():
+    """Two ranks' rollouts (prompts of 2 and 3 tokens, responses of 3 and 1) become the one batch a single process
+    lays out: prompts left-padded to 3, responses right-padded to 3, masks and stops carried along."""
+    first = Rollout(input_ids=torch.tensor([[5, 6, 11, 12, 1]]), attention_mask=torch.tensor([[1, 1, 1, 1, 1]]),
+                    prompt_len=2, response_mask=torch.tensor([[True, True, True]]), stopped=torch.tensor([True]))
+    second = Rollout(input_ids=torch.tensor([[0, 7, 8, 13], [9, 9, 9, 14]]),
+                     attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), prompt_len=3,
+                     response_mask=torch.tensor([[True], [True]]), stopped=torch.tensor([False, False]))
+    whole = concat_rollouts([first, second], pad_id=0)
+    assert whole.prompt_len == 3
+    assert whole.input_ids.tolist() == [[0, 5, 6, 11, 12, 1], [0, 7, 8, 13, 0, 0], [9, 9, 9, 14, 0, 0]]
+    assert whole.attention_mask.tolist() == [[0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert whole.response_mask.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
+    assert whole.stopped.tolist() == [True, False, False]
+    assert pad_responses(torch.tensor([[0.5], [2.0]]), 3).tolist() == [[0.5, 0.0, 0.0], [2.0, 0.0, 0.0]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -29,28 +29,32 @@ tools:
 
 
 def _sft(argv: list[str]) -> int:
-    from rlhfkit.sft.train import SFTConfig, run_sft
+    from rlhfkit.sft.train import SFTConfig
 
-    return _stage("sft", run_sft, parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."),
-                  argv)
+    return _stage("sft", "rlhfkit.sft.train:run_sft",
+                  parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."), argv)
 
 
 def _rm(argv: list[str]) -> int:
-    from rlhfkit.rm.train import RMConfig, run_rm
+    from rlhfkit.rm.train import RMConfig
 
-    return _stage("rm", run_rm, parse_config(RMConfig, argv, "rlhfkit rm",
-                                             "Reward-model training on preference pairs (stage 2)."), argv)
+    return _stage("rm", "rlhfkit.rm.train:run_rm", parse_config(RMConfig, argv, "rlhfkit rm",
+                                                               "Reward-model training on preference pairs (stage 2)."),
+                  argv)
 
 
-def _stage(command: str, run, config, argv: list[str]) -> int:
-    """Run a training stage here, or with --nproc N (outside torchrun) start N local ranks that run it."""
+def _stage(command: str, run: str, config, argv: list[str]) -> int:
+    """Run a training stage (`module:function`) here, or with --nproc N (outside torchrun) start N local ranks that
+    run it; the launching process does not import the training code it would not use."""
+    import importlib
     import os
 
     from rlhfkit.training.distributed import close_world, launch
 
     if config.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(command, argv, config.nproc)
-    run(config)
+    module, _, function = run.partition(":")
+    getattr(importlib.import_module(module), function)(config)
     close_world()
     return 0
 
@@ -64,10 +68,9 @@ def _demo(argv: list[str]) -> int:
 
 def _ppo(argv: list[str]) -> int:
     from rlhfkit.ppo.config import PPOConfig
-    from rlhfkit.ppo.train import run_ppo
 
-    run_ppo(parse_config(PPOConfig, argv, "rlhfkit ppo", "PPO with the actor, reference, critic and reward (stage 3)."))
-    return 0
+    return _stage("ppo", "rlhfkit.ppo.train:run_ppo", parse_config(PPOConfig, argv, "rlhfkit ppo",
+                                               "PPO with the actor, reference, critic and reward (stage 3)."), argv)
 
 
 def _eval_rm(argv: list[str]) -> int:

@@ -113,6 +113,36 @@ def score_head(model) -> torch.nn.Linear:
     return getattr(model, head_name(model))
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... over the attended tokens (what generate uses), so padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_values(classifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) a one-label sequence classifier's head applied at every position: per-token values for a critic; a
+    reward model's score is the value at the last attended token (where Hugging Face's classifiers read it)."""
+    inner = classifier.base_model.model if is_peft(classifier) else classifier
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False).last_hidden_state
+    return score_head(inner)(hidden).squeeze(-1).float()
+
+
+class TokenValues(torch.nn.Module):
+    """A sequence classifier as a module whose forward returns `token_values`: PPO's critic and reward model.
+
+    The classifier's own forward keeps only the last token's value; DDP and FSDP need the forward they wrap to be
+    the one that runs, so the per-token read-out is a module of its own rather than a call into the classifier's
+    backbone."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_values(self.classifier, input_ids, attention_mask)
+
+
 def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: list[str], task: str):
     """Wrap with a peft LoRA adapter; task "CAUSAL_LM" or "SEQ_CLS" (whose score head stays trainable and saved)."""
     from peft import LoraConfig, get_peft_model
@@ -151,6 +181,8 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = True
     """Write `out_dir` in Hugging Face format with the tokenizer; a LoRA model is merged or written as an adapter."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, TokenValues):
+        model = model.classifier
     if is_peft(model) and merge_lora:
         # merge_and_unload changes the model in place; merge a copy so training objects stay valid.
         import copy

@@ -30,6 +30,9 @@ class PPOConfig(CommonConfig):
                           "LoRA, the actor with its adapter disabled: no second copy)", group="models")
     offload_frozen: bool = option(False, "on GPU, keep the reference and reward models on the CPU while the actor "
                                          "and critic train (ColossalChat's offload)", group="models")
+    shard_frozen: bool = option(False, "with --strategy fsdp, shard the reference and reward models over the ranks "
+                                       "too (less memory, a collective in each of their forward passes); default: "
+                                       "a whole copy on every rank", group="distributed")
     # data
     prompts: list[str] = option([], "prompt data (files, folders or hub names, PATH:WEIGHT); extra columns are "
                                     "passed to --reward-fn", group="data")
@@ -113,8 +116,9 @@ class PPOConfig(CommonConfig):
                                                            "--reward-fn (a Python function)")
         require(bool(self.prompts), "prompts: required (one or more prompt files)")
         super().check()
-        require(self.strategy == "single" and self.nproc <= 1,
-                "strategy: PPO runs on one process so far (ddp and fsdp are for sft and rm)")
+        require(not self.shard_frozen or self.strategy == "fsdp", "shard_frozen: needs --strategy fsdp")
+        require(not (self.shard_frozen and self.offload_frozen),
+                "shard_frozen: sharded frozen models stay in place; drop --offload-frozen")
         for field in ("actor", "reward", "critic", "ref"):
             if getattr(self, field):
                 check_model_path(getattr(self, field), field)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.models import is_peft, score_head
+from rlhfkit.models import position_ids, token_values  # noqa: F401  (token_values: re-exported for PPO)
 from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
 
 
@@ -48,11 +48,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... over the attended tokens (what generate uses), so padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> Rollout:
     """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked.
@@ -84,6 +79,30 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
     return Rollout(input_ids=torch.cat([prompt_ids, responses], 1),
                    attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
                    prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """The rows of `parts` in order as one rollout: prompts left-padded to the longest P, responses right-padded to
+    the longest R (what each rank generated, put together as one process would have generated it)."""
+    P = max(r.prompt_len for r in parts)
+    R = max(r.response_mask.shape[1] for r in parts)
+
+    def repad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    pieces = []
+    for r in parts:
+        left, right = P - r.prompt_len, R - r.response_mask.shape[1]
+        pieces.append((repad(r.input_ids, left, right, pad_id), repad(r.attention_mask, left, right, 0),
+                       repad(r.response_mask, 0, right, False)))
+    return Rollout(input_ids=torch.cat([p[0] for p in pieces]), attention_mask=torch.cat([p[1] for p in pieces]),
+                   prompt_len=P, response_mask=torch.cat([p[2] for p in pieces]),
+                   stopped=torch.cat([r.stopped for r in parts]))
+
+
+def pad_responses(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
+    """(B, R) per-token values right-padded to (B, length)."""
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
 
 
 def stop_string_ends(responses: torch.Tensor, tokenizer, stop_strings: tuple[str, ...],
@@ -131,19 +150,13 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logprobs, entropy_from_logits(logits) if with_entropy else None
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) the sequence classifier's head applied at every position: per-token values for a critic; a reward
-    model's score is the value at the last attended token (where Hugging Face's classifiers read it)."""
-    inner = model.base_model.model if is_peft(model) else model
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                      use_cache=False).last_hidden_state
-    return score_head(inner)(hidden).squeeze(-1).float()
-
-
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_scores(classifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) a reward model's score of each sequence, read at its last attended token."""
-    values = token_values(model, input_ids, attention_mask)
+    return value_at_last_token(token_values(classifier, input_ids, attention_mask), attention_mask)
+
+
+def value_at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values (B, T), attention_mask (B, T) -> (B,) each row's value at its last attended position."""
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 

@@ -20,7 +20,9 @@ from rlhfkit.data.batching import pad_right
 from rlhfkit.data.encode import bos_ids, tokenize_segments, truncate
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import render
-from rlhfkit.ppo.rollout import Rollout, last_token_scores
+from rlhfkit.models import TokenValues
+from rlhfkit.ppo.rollout import Rollout, value_at_last_token
+from rlhfkit.training.distributed import adapter_disabled, unwrap
 
 
 def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
@@ -91,10 +93,15 @@ class FunctionScorer:
 class RewardModelScorer:
     """Scores from a sequence classifier. With the actor's tokenizer it reads the rollout's tokens as they are;
     with another tokenizer it decodes each response and builds the reward model's own input (its template, its
-    tokens), since ids from one vocabulary mean nothing in another."""
+    tokens), since ids from one vocabulary mean nothing in another.
+
+    `model` is the classifier or its `TokenValues` (as PPO holds it: wrapped by DDP or sharded by FSDP, when it is
+    the LoRA critic whose disabled adapter gives the reward model)."""
 
     def __init__(self, model, tokenizer, *, adapter_disabled: bool, same_tokenizer: bool, template: str,
                  max_len: int, batch_size: int):
+        if model is not None and not isinstance(unwrap(model), TokenValues):
+            model = TokenValues(model)
         self.model, self.tokenizer, self.adapter_disabled = model, tokenizer, adapter_disabled
         self.same_tokenizer, self.template, self.max_len, self.batch_size = same_tokenizer, template, max_len, batch_size
 
@@ -111,11 +118,12 @@ class RewardModelScorer:
         """(N,) scores of input_ids / attention_mask (N, T), `batch_size` rows per forward pass."""
         device = next(self.model.parameters()).device
         scores = []
-        with self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext():
+        with adapter_disabled(self.model) if self.adapter_disabled else contextlib.nullcontext():
             for start in range(0, batch["input_ids"].shape[0], self.batch_size):
                 part = slice(start, start + self.batch_size)
-                scores.append(last_token_scores(self.model, batch["input_ids"][part].to(device),
-                                                batch["attention_mask"][part].to(device)).cpu())
+                mask = batch["attention_mask"][part].to(device)
+                values = self.model(batch["input_ids"][part].to(device), mask)
+                scores.append(value_at_last_token(values, mask).cpu())
         return torch.cat(scores)
 
     def retokenize(self, examples: list[PromptExample], responses: list[str], stopped: list[bool]) -> dict:

@@ -3,6 +3,11 @@ estimates values; clipped policy and value updates, with the pretraining loss (P
 
 `run_ppo` sets up the models; `ppo_iteration` is one iteration, its six steps in order; `ppo_update` is step 6.
 The math is in ppo/core.py, the forward passes in ppo/rollout.py, the reward in ppo/scoring.py.
+
+On several ranks (DDP or FSDP), each rank generates, scores and runs the experience passes for its share of the
+iteration's prompts; then every rank holds the whole batch of experience, so rewards, GAE, advantage whitening and the
+reward and KL statistics are those of the global batch, computed as one process would. Each minibatch is split over
+the ranks, and its loss divided by the token count of the whole minibatch.
 """
 
 from __future__ import annotations
@@ -24,16 +29,20 @@ from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encod
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import (autocast, default_device, is_peft, load_causal_lm, load_sequence_classifier,
-                            load_tokenizer, load_trainable_state, read_reward_stats, save_model, trainable_state)
+from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
+                            load_trainable_state, read_reward_stats, save_model, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
-from rlhfkit.ppo.rollout import Rollout, Sampling, disable_dropout, generate, response_logprobs, token_values
+from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, pad_responses,
+                                 response_logprobs)
 from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, load_reward_fn, same_vocabulary,
                                  shape_scores)
 from rlhfkit.sft.train import collate as collate_lm, sft_loss
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.training.common import (log, make_optimizer, make_scheduler, setup_logging, start_run, with_lora)
+from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
+                                     with_lora)
+from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
+                                          rank_share, unwrap, wrap_model)
 from rlhfkit.training.loop import TrainingError
 from rlhfkit.training.metrics import RunLogger
 
@@ -59,8 +68,8 @@ class Experience:
 class Models:
     """The four models. `ref` is None when the reference is the LoRA actor with its adapter disabled; the scorer
     holds the reward model (which may be the LoRA critic with its adapter disabled) or the reward function."""
-    actor: torch.nn.Module
-    critic: torch.nn.Module
+    actor: torch.nn.Module  # a causal LM (DDP-wrapped or FSDP-sharded on several ranks)
+    critic: torch.nn.Module  # TokenValues of a sequence classifier (likewise)
     ref: torch.nn.Module | None
     scorer: RewardModelScorer | FunctionScorer
     reward_stats: tuple[float, float] | None  # the reward model's stored (mean, std), when rm-stats/auto uses them
@@ -94,25 +103,38 @@ class TrainState:
 
 # ------------------------------------------------------------------------------------------------- the iteration
 def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data, state: TrainState, tokenizer,
-                  device: torch.device) -> tuple[dict[str, float], list[dict]]:
+                  world: World = World()) -> tuple[dict[str, float], list[dict]]:
     """One PPO iteration; returns (metrics, sample rows)."""
+    device = world.device
     prompt_ids = data.prompt_ids
     timer = _PhaseTimer()
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                         tuple(config.stop_strings))
-    # 1. Rollout: the iteration's prompts (a function of seed and iteration), left-padded; the actor samples.
+    # 1. Rollout: the iteration's prompts (a function of seed and iteration), this rank's share of them, left-padded;
+    #    the actor samples.
     indices = step_indices(len(data.prompts), config.batch_size, config.seed, iteration)
-    batch_prompts = [data.prompts[i] for i in indices]
-    with timer("generate"), autocast(config.dtype, device):
-        rollout = generate(models.actor, [prompt_ids[i] for i in indices], tokenizer, sampling)
+    mine = rank_share(indices, world)
+    with timer("generate"), autocast(config.dtype, device), gathered(models.actor) as actor:
+        rollout = generate(actor, [prompt_ids[i] for i in mine], tokenizer, sampling)
     response_texts = tokenizer.batch_decode(rollout.responses.masked_fill(~rollout.response_mask,
                                                                           tokenizer.pad_token_id),
                                             skip_special_tokens=True)
-    # 2. Scoring: reward model or function, then normalisation, the missing-EOS rule and clipping.
+    # 2. Scoring: reward model or function.
     with timer("score"), torch.no_grad(), autocast(config.dtype, device):
         _place(models.frozen, device, config)
+        batch_prompts = [data.prompts[i] for i in mine]
         scores = models.scorer(rollout, batch_prompts, response_texts)
         monitor = models.monitor(rollout, batch_prompts, response_texts) if models.monitor else None
+    # 3. Log-probs of the sampled tokens (actor and reference, at the sampling temperature) and the critic's values.
+    with timer("experience"), torch.no_grad(), autocast(config.dtype, device):
+        old_logprobs, ref_logprobs, old_values = _experience_forwards(models, rollout, config, device)
+        _place(models.frozen, torch.device("cpu"), config)
+    rollout, (old_logprobs, ref_logprobs, old_values), (scores, monitor), response_texts = _whole_batch(
+        world, rollout, [old_logprobs, ref_logprobs, old_values], [scores, monitor], response_texts,
+        tokenizer.pad_token_id)
+    mask = rollout.response_mask
+    # 4. Per-token rewards: the score, normalised, with the missing-EOS rule and clipping, at the last token, and
+    #    -beta * KL estimate at every token.
     if config.reward_norm == "running":
         state.moments.update(scores)
         mean, std = state.moments.mean, state.moments.std
@@ -120,23 +142,18 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
         mean, std = models.reward_stats or (0.0, 1.0)  # set for rm-stats (and auto) when the reward model stored them
     shaped = shape_scores(scores, rollout.stopped, mean=mean, std=std, missing_eos_penalty=config.missing_eos_penalty,
                           missing_eos_score=config.missing_eos_score, clip=config.reward_clip)
-    # 3. Log-probs of the sampled tokens (actor and reference, at the sampling temperature) and the critic's values.
-    with timer("experience"), torch.no_grad(), autocast(config.dtype, device):
-        old_logprobs, ref_logprobs, old_values = _experience_forwards(models, rollout, config, device)
-        _place(models.frozen, torch.device("cpu"), config)
-    mask = rollout.response_mask
-    # 4. Per-token rewards: -beta * KL estimate at every token, plus the shaped score at the last one.
     kl = core.kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator)
     rewards = core.per_token_rewards(shaped, kl, state.kl_ctl.value, mask)
     # 5. GAE over valid tokens; returns = advantages + values; advantages whitened over valid tokens.
     advantages, returns = core.gae(old_values, rewards, mask, config.gamma, config.lam)
+    advantage_mean, advantage_var = core.masked_mean(advantages, mask).item(), core.masked_var(advantages, mask).item()
     if config.whiten_advantages:
         advantages = core.masked_whiten(advantages, mask)
     experience = Experience(rollout, old_logprobs, ref_logprobs, old_values, scores, rewards, advantages, returns)
     # 6. Update: ppo_epochs over shuffled minibatches; clipped policy loss (+ PTX) for the actor, clipped value loss
     #    for the critic.
     with timer("train"):
-        train_metrics = ppo_update(iteration, experience, config, models, data, state, device)
+        train_metrics = ppo_update(iteration, experience, config, models, data, state, world)
 
     # The KL controller sees this batch's mean per-sequence KL (k1, whatever estimator shapes the reward).
     sequence_kl = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
@@ -149,7 +166,8 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
         **({"monitor": monitor.mean().item()} if monitor is not None else {}),
         "kl": sequence_kl.mean().item(), "beta": beta,
         "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.stopped.float().mean().item(),
-        "advantage_std": core.masked_var(advantages, mask).sqrt().item(),
+        # the whitening statistics: mean and std of the advantages over the batch's valid tokens, before whitening
+        "advantage_mean": advantage_mean, "advantage_std": math.sqrt(advantage_var),
         "explained_variance": core.explained_variance(old_values, returns, mask),
         **train_metrics,
         "tokens_per_s": n_tokens / timer.total(), **timer.seconds(),
@@ -158,6 +176,22 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
                 "response": response_texts[i], "score": scores[i].item(), "reward": shaped[i].item(),
                 "stopped": bool(rollout.stopped[i])} for i in range(min(config.num_samples, len(indices)))]
     return metrics, samples
+
+
+def _whole_batch(world: World, rollout: Rollout, per_token: list[torch.Tensor], per_sequence: list,
+                 texts: list[str], pad_id: int) -> tuple[Rollout, list[torch.Tensor], list, list[str]]:
+    """Every rank's share put together in rank order, which is the order of the iteration's prompts: the rollout,
+    per-token tensors (B, R) right-padded to the longest response, per-sequence tensors (B,) (or None) and the
+    response texts. The identity on one process."""
+    if world.size == 1:
+        return rollout, per_token, per_sequence, texts
+    parts = world.gather_objects((rollout, per_token, per_sequence, texts))
+    whole = concat_rollouts([part[0] for part in parts], pad_id)
+    R = whole.response_mask.shape[1]
+    per_token = [torch.cat([pad_responses(part[1][k], R) for part in parts]) for k in range(len(per_token))]
+    per_sequence = [None if value is None else torch.cat([part[2][k] for part in parts])
+                    for k, value in enumerate(per_sequence)]
+    return whole, per_token, per_sequence, [text for part in parts for text in part[3]]
 
 
 @torch.no_grad()
@@ -171,15 +205,11 @@ def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, de
     for rows in chunks(list(range(rollout.input_ids.shape[0])), config.micro):
         ids, attn = rollout.input_ids[rows].to(device), rollout.attention_mask[rows].to(device)
         outputs[0].append(response_logprobs(models.actor, ids, attn, p, config.temperature)[0])
-        with _adapter_disabled(models.actor, models.ref is None):
+        with adapter_disabled(models.actor) if models.ref is None else contextlib.nullcontext():
             ref = models.ref if models.ref is not None else models.actor
             outputs[1].append(response_logprobs(ref, ids, attn, p, config.temperature)[0])
-        outputs[2].append(token_values(models.critic, ids, attn)[:, p - 1:-1])  # V(s_t): state before token t
+        outputs[2].append(models.critic(ids, attn)[:, p - 1:-1])  # V(s_t): the state before token t
     return tuple(torch.cat(o).cpu() for o in outputs)
-
-
-def _adapter_disabled(model, enabled: bool):
-    return model.disable_adapter() if enabled else contextlib.nullcontext()
 
 
 def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfig) -> None:
@@ -191,10 +221,11 @@ def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfi
 
 # --------------------------------------------------------------------------------------------------------- step 6
 def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Models, data: Data, state: TrainState,
-               device: torch.device) -> dict[str, float]:
+               world: World = World()) -> dict[str, float]:
     """`ppo_epochs` passes over the experience in shuffled minibatches: one optimizer step per minibatch for the
-    actor (unless the critic is still warming up) and the critic, micro-batches accumulating exactly."""
-    actor, critic = models.actor, models.critic
+    actor (unless the critic is still warming up) and the critic. Each rank takes its share of every minibatch and
+    accumulates micro-batches; every loss is a sum over this rank's part divided by the whole minibatch's count."""
+    actor, critic, device = models.actor, models.critic, world.device
     train_actor = iteration >= config.critic_warmup_steps
     actor.train()
     critic.train()
@@ -202,60 +233,66 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
     # The shuffle is a function of (seed, iteration), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
     n_updates = config.ppo_epochs * (B // config.mini_batch)
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {}  # this rank's parts of the minibatch means, summed over ranks at the end
+    steps: dict[str, float] = {}  # gradient norms and learning rates, the same on every rank
     update = 0  # optimizer steps so far in this iteration
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(B, generator=generator).tolist()
         for mini in chunks(order, config.mini_batch):
             mask = exp.response_mask[mini]
             denominator = float(mask.sum()) if config.loss_agg == "token-mean" else float(len(mini))
-            stats: dict[str, float] = {}
-            for rows in chunks(mini, config.micro):
+            micro_batches = list(chunks(rank_share(mini, world), config.micro))
+            for i, rows in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1  # gradients are reduced over ranks once, after the last backward
                 ids = exp.rollout.input_ids[rows].to(device)
                 attn = exp.rollout.attention_mask[rows].to(device)
                 mb_mask = exp.response_mask[rows].to(device)
                 weight = float(mb_mask.sum()) / float(mask.sum())  # this micro-batch's share of the tokens
                 if train_actor:
-                    with autocast(config.dtype, device):
+                    with gradient_sync(actor, last and not data.ptx), autocast(config.dtype, device):
                         logprobs, entropy = response_logprobs(actor, ids, attn, p, config.temperature,
                                                               with_entropy=True)
-                    pg, pg_stats = core.policy_loss(logprobs, exp.old_logprobs[rows].to(device),
-                                                    exp.advantages[rows].to(device), mb_mask, config.cliprange,
-                                                    config.dual_clip)
-                    pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator)
-                    entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator)
-                    (pg_loss - config.entropy_coef * entropy_mean).backward()
-                    _add(stats, {"policy_loss": pg_loss.item(), "entropy": entropy_mean.item()})
-                    _add(stats, {k: v.item() * weight for k, v in pg_stats.items()})
-                with autocast(config.dtype, device):
-                    values = token_values(critic, ids, attn)[:, p - 1:-1]
-                vf, vf_stats = core.value_loss(values, exp.old_values[rows].to(device), exp.returns[rows].to(device),
-                                               mb_mask, config.cliprange_value)
-                vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
-                (config.vf_coef * vf_loss).backward()
-                _add(stats, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
+                        pg, pg_stats = core.policy_loss(logprobs, exp.old_logprobs[rows].to(device),
+                                                        exp.advantages[rows].to(device), mb_mask, config.cliprange,
+                                                        config.dual_clip)
+                        pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator)
+                        entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator)
+                        # DDP and FSDP average the ranks' gradients: times world.size makes that their sum.
+                        ((pg_loss - config.entropy_coef * entropy_mean) * world.size).backward()
+                    _add(sums, {"policy_loss": pg_loss.item(), "entropy": entropy_mean.item()})
+                    _add(sums, {k: v.item() * weight for k, v in pg_stats.items()})
+                with gradient_sync(critic, last), autocast(config.dtype, device):
+                    values = critic(ids, attn)[:, p - 1:-1]
+                    vf, vf_stats = core.value_loss(values, exp.old_values[rows].to(device),
+                                                   exp.returns[rows].to(device), mb_mask, config.cliprange_value)
+                    vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
+                    (config.vf_coef * vf_loss * world.size).backward()
+                _add(sums, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
             if train_actor and data.ptx:
                 actor_step = (iteration - config.critic_warmup_steps) * n_updates + update  # picks the PTX rows
-                _add(stats, {"ptx_loss": _ptx_backward(actor, data, actor_step, config, device)})
-            stepped = _optimizer_steps(models, config, state, train_actor, stats)
+                _add(sums, {"ptx_loss": _ptx_backward(actor, data, actor_step, config, world)})
+            stepped = _optimizer_steps(models, config, state, train_actor, steps)
             if stepped and train_actor and state.ema is not None:
-                state.ema.update(actor)
-            _add(sums, stats)
+                state.ema.update(unwrap(actor))
             update += 1
-    return {k: v / n_updates for k, v in sums.items()}
+    keys = sorted(sums)
+    sums = dict(zip(keys, world.sum([sums[k] for k in keys])))
+    return {k: v / n_updates for k, v in (sums | steps).items()}
 
 
-def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, device) -> float:
-    """Backward of ptx_coef * (token-mean LM loss) on this update step's PTX rows; returns that LM loss."""
+def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, world: World) -> float:
+    """Backward of ptx_coef * (token-mean LM loss) on this update step's PTX rows (this rank's share); returns this
+    rank's part of that LM loss."""
     size = config.ptx_batch_size or config.mini_batch
-    rows = [data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)]
+    rows = rank_share([data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)], world)
     batches = [collate_lm(part, data.pad_id) for part in chunks(rows, config.micro)]
-    n_tokens = sum(b["num_items"] for b in batches)
+    n_tokens = world.sum([sum(b["num_items"] for b in batches)])[0]
     total = 0.0
-    for batch in batches:
-        with autocast(config.dtype, device):
-            loss_sum, _ = sft_loss(actor, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        (config.ptx_coef * loss_sum / n_tokens).backward()
+    for i, batch in enumerate(batches):
+        with gradient_sync(actor, i == len(batches) - 1), autocast(config.dtype, world.device):
+            loss_sum, _ = sft_loss(actor, {k: v.to(world.device) if torch.is_tensor(v) else v
+                                           for k, v in batch.items()})
+            (config.ptx_coef * loss_sum * world.size / n_tokens).backward()
         total += loss_sum.item()
     return total / n_tokens
 
@@ -268,16 +305,15 @@ def _optimizer_steps(models: Models, config: PPOConfig, state: TrainState, train
     for name, model in trained:
         params = [q for q in model.parameters() if q.grad is not None]
         limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        norms[name] = torch.nn.utils.clip_grad_norm_(params, limit).item() if params else 0.0
+        norms[name] = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit))) if params else 0.0
     finite = all(math.isfinite(n) for n in norms.values())
     for name, model in trained:
         if finite:
             state.optimizers[name].step()
         state.schedulers[name].step()
         state.optimizers[name].zero_grad(set_to_none=True)
-        stats[f"{name}_grad_norm"] = norms[name]
-        stats[f"{name}_lr"] = state.schedulers[name].get_last_lr()[0]
-    stats["skipped"] = float(not finite)
+        _add(stats, {f"{name}_grad_norm": norms[name], f"{name}_lr": state.schedulers[name].get_last_lr()[0]})
+    _add(stats, {"skipped": float(not finite)})
     return finite
 
 
@@ -323,7 +359,11 @@ def run_ppo(config: PPOConfig) -> Path:
     setup_logging()
     reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None  # a broken function fails first
     monitor_fn = load_reward_fn(config.monitor_fn, "monitor_fn") if config.monitor_fn else None
-    out, resume_from, _ = start_run(config)
+    out, resume_from, world = start_run(config)
+    for field, size in (("mini_batch_size", config.mini_batch),
+                        ("ptx_batch_size", (config.ptx_batch_size or config.mini_batch) if config.use_ptx else 0)):
+        if size % world.size:
+            raise ConfigError(f"{field}: {size} does not split evenly over {world.size} ranks")
 
     # Data before models, so that bad rows stop the run before anything loads.
     prompts = _load(config.prompts, "prompt", config, out)
@@ -337,18 +377,20 @@ def run_ppo(config: PPOConfig) -> Path:
            if e]
     data = Data(prompts, prompt_ids, ptx, tokenizer.pad_token_id)
 
-    device = default_device()
-    models = _load_models(config, tokenizer, reward_fn, device)
+    models = _load_models(config, tokenizer, reward_fn, world)
     models.monitor = FunctionScorer(monitor_fn, tokenizer) if monitor_fn else None
+    if world.rank > 0:  # same initialisation everywhere, but each rank samples its responses from a stream of its own
+        torch.manual_seed(config.seed + 1_000_003 * world.rank)
     iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))
     state = _train_state(config, models, iterations)
-    start = _resume(resume_from, models, state) if resume_from is not None else 0
+    start = _resume(resume_from, models, state, world) if resume_from is not None else 0
 
-    logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project)
+    logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project,
+                       enabled=world.main)
     bad_in_a_row = 0
     try:
         for iteration in range(start, iterations):
-            metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, device)
+            metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, world)
             done = iteration + 1
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
             if bad_in_a_row >= config.max_bad_steps:
@@ -357,19 +399,30 @@ def run_ppo(config: PPOConfig) -> Path:
             if done % config.log_every == 0 or done == iterations:
                 logger.log(done, "train", metrics)
             logger.progress(done, {"score": metrics["score"], "kl": metrics["kl"], "len": metrics["response_length"]})
-            if config.sample_every and config.num_samples and (done % config.sample_every == 0 or done == iterations):
+            if (world.main and config.sample_every and config.num_samples
+                    and (done % config.sample_every == 0 or done == iterations)):
                 _write_samples(out, samples, logger)
             if config.save_every and done % config.save_every == 0:
-                _save(out, done, models, state, config.keep_last)
+                _save(out, done, models, state, config.keep_last, world)
     finally:
         logger.close()
 
-    final = save_model(models.actor, tokenizer, out / "final", merge_lora=config.lora_merge)
-    save_model(models.critic, tokenizer, out / "final_critic", merge_lora=config.lora_merge)
+    def fresh_actor():  # FSDP's gathered weights are written through an unsharded copy
+        return with_lora(load_causal_lm(config.actor, tokenizer, seed=config.seed), config, "CAUSAL_LM")
+
+    def fresh_critic():
+        return TokenValues(with_lora(load_sequence_classifier(_critic_path(config, tokenizer), tokenizer,
+                                                              seed=config.seed), config, "SEQ_CLS"))
+
+    final = save_final(models.actor, tokenizer, out / "final", world, fresh_actor, merge_lora=config.lora_merge)
+    save_final(models.critic, tokenizer, out / "final_critic", world, fresh_critic, merge_lora=config.lora_merge)
     if state.ema is not None:
-        averaged = copy.deepcopy(models.actor)
-        load_trainable_state(averaged, state.ema.shadow)
-        save_model(averaged, tokenizer, out / "final_ema", merge_lora=config.lora_merge)
+        shadow = {name: full_tensor(value) for name, value in state.ema.shadow.items()}  # collective under FSDP
+        if world.main:
+            averaged = fresh_actor() if world.strategy == "fsdp" else copy.deepcopy(unwrap(models.actor))
+            load_trainable_state(averaged, shadow)
+            save_model(averaged, tokenizer, out / "final_ema", merge_lora=config.lora_merge)
+        world.barrier()
     log.info(f"final actor: {final}; critic: {out / 'final_critic'}")
     return final
 
@@ -384,24 +437,24 @@ def _train_state(config: PPOConfig, models: Models, iterations: int) -> TrainSta
     schedulers = {"actor": make_scheduler(optimizers["actor"], config.lr_schedule, config.warmup_steps, actor_steps),
                   "critic": make_scheduler(optimizers["critic"], config.lr_schedule, config.warmup_steps,
                                            iterations * updates)}
+    ema = ActorEMA(unwrap(models.actor), config.ema_decay) if config.ema_decay > 0 else None
     return TrainState(optimizers, schedulers, core.AdaptiveKLController(config.kl_coef, config.kl_target,
-                                                                        config.kl_horizon),
-                      RunningMoments(), ActorEMA(models.actor, config.ema_decay) if config.ema_decay > 0 else None)
+                                                                        config.kl_horizon), RunningMoments(), ema)
 
 
-def _save(out: Path, step: int, models: Models, state: TrainState, keep_last: int) -> None:
+def _save(out: Path, step: int, models: Models, state: TrainState, keep_last: int, world: World) -> None:
     trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
     save_checkpoint(out, step, models=trained, schedulers=state.schedulers,
                     extra={"actor_ema": state.ema.shadow} if state.ema is not None else None,
-                    state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)}, keep_last=keep_last)
+                    state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)}, keep_last=keep_last,
+                    world=world)
 
 
-def _resume(checkpoint: Path, models: Models, state: TrainState) -> int:
+def _resume(checkpoint: Path, models: Models, state: TrainState, world: World) -> int:
     """Load everything `_save` wrote (and the RNG states) into place; return the iteration to start from."""
     trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
-    extra, saved = load_checkpoint(checkpoint, models=trained, schedulers=state.schedulers)
-    if state.ema is not None:
-        state.ema.shadow = extra["actor_ema"]
+    saved = load_checkpoint(checkpoint, models=trained, schedulers=state.schedulers, world=world,
+                            extra={"actor_ema": state.ema.shadow} if state.ema is not None else None)
     state.kl_ctl.value = saved["kl_coef"]
     state.moments = RunningMoments(**saved["reward_moments"])
     log.info(f"resumed from {checkpoint} at iteration {saved['step']}")
@@ -420,38 +473,55 @@ def _load(specs: list[str], kind: str, config: PPOConfig, out: Path) -> list:
     return loaded.examples
 
 
-def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> Models:
-    """Actor (+LoRA), critic (+LoRA, head trainable), frozen reference and reward model; dropout off in all."""
+def _critic_path(config: PPOConfig, tokenizer) -> str:
+    """The critic starts from --critic, else the reward model when it shares the actor's tokenizer, else the actor."""
+    if config.critic:
+        return config.critic
+    return config.reward if config.reward and same_vocabulary(tokenizer, load_tokenizer(config.reward)) \
+        else config.actor
+
+
+def _load_models(config: PPOConfig, tokenizer, reward_fn, world: World) -> Models:
+    """Actor (+LoRA), critic (+LoRA, head trainable), frozen reference and reward model; dropout off in all. The
+    actor and critic are wrapped for the strategy; the frozen models are replicated, or sharded with --shard-frozen."""
     kwargs = dict(attn_implementation=config.attn_implementation, seed=config.seed)
     actor = load_causal_lm(config.actor, tokenizer, gradient_checkpointing=config.gradient_checkpointing, **kwargs)
     actor = with_lora(actor, config, "CAUSAL_LM")
 
     reward_tokenizer = load_tokenizer(config.reward) if config.reward else None
     same = reward_tokenizer is not None and same_vocabulary(tokenizer, reward_tokenizer)
-    critic_path = config.critic or (config.reward if same else config.actor)
+    critic_path = _critic_path(config, tokenizer)
     if config.critic and not same_vocabulary(tokenizer, load_tokenizer(config.critic)):
         raise ConfigError(f"critic: {config.critic} has another vocabulary than the actor; the critic reads the "
                           "actor's tokens, so it must share its tokenizer")
     if not config.critic and config.reward and not same:
         log.info("the reward model's tokenizer differs from the actor's: responses are re-tokenized for it, and the "
                  "critic starts from the actor with a new value head")
-    critic = load_sequence_classifier(critic_path, tokenizer, gradient_checkpointing=config.gradient_checkpointing,
-                                      **kwargs)
-    critic = with_lora(critic, config, "SEQ_CLS")
+    critic = TokenValues(with_lora(load_sequence_classifier(critic_path, tokenizer,
+                                                            gradient_checkpointing=config.gradient_checkpointing,
+                                                            **kwargs), config, "SEQ_CLS"))
+    for model in (actor, critic):
+        disable_dropout(model)
+    actor_is_peft = is_peft(actor)
+    actor = wrap_model(actor, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
+    critic = wrap_model(critic, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
+
+    def frozen(model):
+        disable_dropout(model)
+        return place_frozen(model.requires_grad_(False).eval(), world, shard=config.shard_frozen, dtype=config.dtype)
 
     ref = None
-    if config.ref or not is_peft(actor):
-        ref = load_causal_lm(config.ref or config.actor, tokenizer, **kwargs).requires_grad_(False).eval()
+    if config.ref or not actor_is_peft:
+        ref = frozen(load_causal_lm(config.ref or config.actor, tokenizer, **kwargs))
     reward_stats = None
     if reward_fn is not None:
         scorer = FunctionScorer(reward_fn, tokenizer)
     else:
         # With a LoRA critic started from the reward model, the reward model is that critic with its adapter
         # disabled: one copy of the weights.
-        shared = is_peft(critic) and critic_path == config.reward
-        reward_model = critic if shared else load_sequence_classifier(config.reward, reward_tokenizer, **kwargs)
-        if not shared:
-            reward_model.requires_grad_(False).eval()
+        shared = is_peft(unwrap(critic).classifier) and critic_path == config.reward
+        reward_model = critic if shared else frozen(TokenValues(load_sequence_classifier(config.reward,
+                                                                                         reward_tokenizer, **kwargs)))
         scorer = RewardModelScorer(reward_model, reward_tokenizer, adapter_disabled=shared, same_tokenizer=same,
                                    template=resolve_template(config.template, reward_tokenizer),
                                    max_len=config.max_prompt_len + config.max_new_tokens + 8,
@@ -464,10 +534,6 @@ def _load_models(config: PPOConfig, tokenizer, reward_fn, device) -> Models:
             reward_stats = (stored["mean"], stored["std"] or 1.0)
             log.info(f"rewards normalised with the reward model's stored mean {reward_stats[0]:.4f}, "
                      f"std {reward_stats[1]:.4f}")
-    for model in (actor, critic, ref, getattr(scorer, "model", None)):
-        if model is not None:
-            disable_dropout(model)
-            model.to(device)
     return Models(actor, critic, ref, scorer, reward_stats)
 
 

@@ -3,8 +3,9 @@
 Each trained model and its optimizer go into one DCP folder that every rank writes its shard of; DCP reshards on
 load, so an FSDP run written on N ranks continues on M (or on one process). A checkpoint is written to a hidden
 temporary folder and renamed into place once every rank is done, so a crash leaves a whole checkpoint or none.
-Layout: `OUTPUT/checkpoints/step-00000010/{NAME/ (DCP), NAME.sched.pt, EXTRA.safetensors, rng-RANK.pt, state.json}`,
-NAME being each trained model ("model", or "actor" and "critic" for PPO); EXTRA plain tensors such as PPO's EMA.
+Layout: `OUTPUT/checkpoints/step-00000010/{NAME/ (DCP), NAME.sched.pt, extra/ (DCP), rng-RANK.pt, state.json}`,
+NAME being each trained model ("model", or "actor" and "critic" for PPO); extra other tensors, such as PPO's EMA of
+the actor (sharded like the actor under FSDP).
 Several nodes need OUTPUT on a filesystem they share.
 """
 
@@ -21,17 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rlhfkit.training.distributed import World
 
 PREFIX = "step-"
-# Frozen weights (a LoRA run's base model) come back from the model files, not from checkpoints. Loading is not
-# strict about them; dcp.load itself fails on any trained tensor the checkpoint lacks.
-_OPTIONS = StateDictOptions(ignore_frozen_params=True)
-_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 TrainedModels = dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]  # name -> (model, its optimizer)
 
@@ -76,6 +70,7 @@ def save_checkpoint(out: str | Path, step: int, *, models: TrainedModels, schedu
                     state: dict[str, Any], keep_last: int, extra: dict[str, dict[str, torch.Tensor]] | None = None,
                     world: World = World()) -> Path:
     """Write checkpoint `step` atomically (every rank calls this) and delete all but the newest `keep_last`."""
+    dcp, get_state_dict, _, options, _ = _dcp()
     folder = checkpoint_dir(Path(out))
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
@@ -86,16 +81,17 @@ def save_checkpoint(out: str | Path, step: int, *, models: TrainedModels, schedu
         tmp.mkdir()
     world.barrier()
     for name, (model, optimizer) in models.items():
-        model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         with _one_process_quiet():
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / name,
                      no_dist=not dist.is_initialized())
+    if extra:
+        with _one_process_quiet():
+            dcp.save(extra, checkpoint_id=tmp / "extra", no_dist=not dist.is_initialized())
     torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
     if world.main:
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
-        for name, tensors in (extra or {}).items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "ranks": world.size, **state}, indent=2))
     world.barrier()
     if world.main:
@@ -113,19 +109,21 @@ def save_checkpoint(out: str | Path, step: int, *, models: TrainedModels, schedu
     return final
 
 
-def load_checkpoint(path: str | Path, *, models: TrainedModels, schedulers: dict[str, Any], world: World = World()
-                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Restore models, optimizers, schedulers and RNG states in place; return (extra tensors by name, run state)."""
+def load_checkpoint(path: str | Path, *, models: TrainedModels, schedulers: dict[str, Any], world: World = World(),
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Restore models, optimizers, schedulers, RNG states and the `extra` tensors (loaded into the given ones, which
+    say what to read and how it is sharded) in place; return the run state."""
+    dcp, get_state_dict, set_state_dict, options, load_options = _dcp()
     path = Path(path)
     for name, (model, optimizer) in models.items():
         if not (path / name / ".metadata").is_file():
             raise FileNotFoundError(f"{path}: no checkpoint of {name!r} (is this a checkpoint of this stage?)")
-        model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optimizer": optim_state}
         with _one_process_quiet():
             dcp.load(loaded, checkpoint_id=path / name, no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
-                       options=_LOAD_OPTIONS)
+                       options=load_options)
     for name, sched in schedulers.items():
         sched.load_state_dict(torch.load(path / f"{name}.sched.pt", weights_only=False))
     state = json.loads((path / "state.json").read_text())
@@ -137,9 +135,23 @@ def load_checkpoint(path: str | Path, *, models: TrainedModels, schedulers: dict
 
         logging.getLogger("rlhfkit").warning(f"{path} was written by {state.get('ranks')} ranks; rank "
                                              f"{world.rank} and above start new random streams")
-    extra = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in path.glob("*.safetensors")}
-    return extra, state
+    if extra:
+        with _one_process_quiet():
+            dcp.load(extra, checkpoint_id=path / "extra", no_dist=not dist.is_initialized())
+    return state
 
+
+
+def _dcp():
+    """torch.distributed.checkpoint and its state-dict helpers, imported when a checkpoint is written or read (the
+    import takes a second, which every command would pay otherwise); with the options rlhfkit uses. Frozen weights
+    (a LoRA run's base model) come back from the model files, not from checkpoints: loading is not strict about
+    them, and dcp.load itself fails on any trained tensor the checkpoint lacks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    return (dcp, get_state_dict, set_state_dict, StateDictOptions(ignore_frozen_params=True),
+            StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 @contextlib.contextmanager

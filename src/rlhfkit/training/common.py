@@ -267,8 +267,8 @@ def optimization(model, config: CommonConfig, n_train: int, resume_from: Path | 
     if resume_from is not None:
         from rlhfkit.training.checkpoint import load_checkpoint
 
-        _, state = load_checkpoint(resume_from, models={"model": (model, optimizer)},
-                                   schedulers={"model": scheduler}, world=world)
+        state = load_checkpoint(resume_from, models={"model": (model, optimizer)},
+                                schedulers={"model": scheduler}, world=world)
         start = int(state["step"])
         log.info(f"resumed from {resume_from} at step {start}")
     return optimizer, scheduler, steps, start

@@ -59,6 +59,14 @@ class World:
         dist.all_gather(parts, tensor.to(self._comm_device()))
         return torch.cat([p.to(tensor.device) for p in parts])
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable; tensors on the CPU), rank 0's first."""
+        if self.size == 1:
+            return [obj]
+        parts = [None] * self.size
+        dist.all_gather_object(parts, obj)
+        return parts
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -161,20 +169,84 @@ def wrap_model(model: torch.nn.Module, world: World, *, dtype: str = "float32", 
     if world.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        # No buffer broadcast: a causal LM's buffers (rotary tables) are constants, and a broadcast in every forward
+        # would make forward-only passes collective.
+        return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
     if world.strategy == "fsdp":
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-        if cpu_offload and world.device.type == "cpu":
-            log.warning("fsdp_cpu_offload: ignored, the model already lives in CPU memory (no GPU)")
-            cpu_offload = False
-        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                     if dtype == "bfloat16" else MixedPrecisionPolicy())
-        options = dict(mp_policy=precision, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-        for layer in decoder_layers(model):
-            fully_shard(layer, **options)
-        fully_shard(model, **options)
+        _fully_shard(model, dtype, cpu_offload)
     return model
+
+
+def place_frozen(model: torch.nn.Module, world: World, *, shard: bool, dtype: str = "float32") -> torch.nn.Module:
+    """A frozen model (PPO's reference or reward model): a whole copy on every rank, or with `shard` (FSDP only)
+    sharded like the trained models, which makes its every forward pass collective."""
+    model.to(world.device)
+    if shard and world.strategy == "fsdp":
+        _fully_shard(model, dtype, cpu_offload=False)
+    return model
+
+
+def _fully_shard(model: torch.nn.Module, dtype: str, cpu_offload: bool) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if cpu_offload and not torch.cuda.is_available():
+        log.warning("fsdp_cpu_offload: ignored, the model already lives in CPU memory (no GPU)")
+        cpu_offload = False
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if dtype == "bfloat16" else MixedPrecisionPolicy())
+    options = dict(mp_policy=precision, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    # The root must be the module whose forward every call enters: a PEFT model's generate() goes straight to the
+    # model inside, so that one is the root (it holds every parameter, the adapters included).
+    fully_shard(model.base_model.model if hasattr(model, "peft_config") else model, **options)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """The model with its full weights on every rank for a stretch of forward passes that ranks run different
+    numbers of (generation stops at different lengths): FSDP gathers every unit once and keeps it until the end,
+    so no collective runs inside. Yields the module to call (DDP's inner module: its forward hooks are for
+    training)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    if not units:
+        yield unwrap(model)
+        return
+    units[0].set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        units[0].set_reshard_after_forward(True)
+        units[0].set_reshard_after_forward(False, recurse=False)  # FSDP's default: the root stays gathered
+        for unit in units:
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: torch.nn.Module):
+    """peft's `disable_adapter()` on the PEFT model in `model` (which may be DDP-wrapped or FSDP-sharded).
+
+    peft switches `requires_grad` on the adapter weights as it goes in and out. Under FSDP those switches must land
+    on the sharded parameters, which FSDP copies the flag from at every unshard; a unit left gathered after a forward
+    pass (the root is) would take them on its temporary full parameters instead, and its adapter weights would
+    silently stop training. So every unit is resharded on the way in and on the way out."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    peft_model = next(m for m in unwrap(model).modules() if hasattr(m, "peft_config"))
+    with peft_model.disable_adapter():
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
