@@ -1,0 +1,249 @@
+"""PPO speed, rlhfkit against TRL 1.12, on the same models, prompts and settings, in one run.
+
+    python benchmarks/ppo_vs_trl.py --config S [--dtype float32] [--trl] [--repeats 3] [--iterations 6]
+
+Configurations (the Llama is the actor and reference; a one-label classifier of the same architecture is the reward
+model and the starting critic/value model):
+    S: hidden 256, 4 layers, 4 heads, FFN 1024 (~4.4M); 16 prompts x 32 new tokens, 4 PPO epochs, one minibatch
+    M: hidden 512, 8 layers, 8 heads, FFN 2048 (~30M); 64 prompts x 128 new tokens, 1 PPO epoch, one minibatch
+
+Each side runs in a fresh process, the sides alternate (rlhfkit, TRL, rlhfkit, ...), and every process uses the same
+number of threads. TRL 1.12 is installed with `--trl` into a throwaway venv (runs/bench-trl-venv; it reuses this
+environment's torch and transformers) and runs from benchmarks/trl_side.py. The table gives medians over all timed
+iterations (the first of each run, which includes warm-up, is left out); "forward" is every no-gradient pass after
+sampling (rlhfkit: reward, actor and reference log-probs, values; TRL: reference log-probs, values, reward: it keeps
+the sampling logits as the old log-probs); "train" is the PPO epochs. The efficiency table divides each phase's model
+FLOPs by its time and compares that with the matrix-product rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {
+    "S": dict(hidden=256, layers=4, heads=4, ffn=1024, prompts=16, new_tokens=32, epochs=4, minibatches=1),
+    "M": dict(hidden=512, layers=8, heads=8, ffn=2048, prompts=64, new_tokens=128, epochs=1, minibatches=1),
+}
+TRL_VERSION = "1.12.0"
+WORDS = ("the a of to and in is it that was for on are with as his they at be this from have or by one had not but "
+         "what all were when we there can an your which their said if do will each about how up out them then she "
+         "many some so these would other into has more her two like him see time could no make than first been").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+# ------------------------------------------------------------------------------------------------------- set-up
+def build(work: Path, cfg: dict, iterations: int) -> dict:
+    """Tokenizer (with its pad token, so neither side resizes embeddings), actor, reward model and prompts."""
+    from rlhfkit.data.encode import EncodeStats, encode_prompt
+    from rlhfkit.data.loading import load_examples
+    from rlhfkit.data.templates import resolve_template
+    from rlhfkit.models import load_sequence_classifier, load_tokenizer, save_model
+    from rlhfkit.tiny import make_tiny_model, train_tokenizer
+
+    rng = random.Random(0)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer([sentence(rng, 50) for _ in range(2000)], work / "actor", vocab_size=2048)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    actor = make_tiny_model("llama", tokenizer, work / "actor", hidden=cfg["hidden"], layers=cfg["layers"],
+                            heads=cfg["heads"], ffn=cfg["ffn"])
+    tokenizer = load_tokenizer(str(actor))
+    save_model(load_sequence_classifier(str(actor), tokenizer, seed=1), tokenizer, work / "reward")
+    n = cfg["prompts"] * (iterations + 1)
+    rows = [{"prompt": f"\n\nHuman: {sentence(rng, rng.randint(16, 24))}\n\nAssistant:"} for _ in range(n)]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples([str(work / "prompts.jsonl")], "prompt").examples
+    template = resolve_template("auto", tokenizer)
+    ids = [encode_prompt(e, tokenizer, template, 256, EncodeStats()) for e in examples]
+    (work / "prompt_ids.json").write_text(json.dumps(ids))
+    model = load_sequence_classifier(str(actor), tokenizer)
+    return {"vocab": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
+            "prompt_len": statistics.mean(len(i) for i in ids)}
+
+
+def trl_python(out: Path) -> str:
+    """The Python of a venv that has TRL 1.12 (created on first use), sharing this environment's packages."""
+    venv = out / "bench-trl-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    check = subprocess.run([str(python), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
+    if check.stdout.strip() != TRL_VERSION:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}"], check=True)
+    return str(python)
+
+
+# ------------------------------------------------------------------------------------------------------ one side
+def run_rlhfkit(work: Path, out_file: Path, cfg: dict, args) -> None:
+    """rlhfkit's PPO (called in a fresh process by `side`), its per-iteration phases written like trl_side.py's."""
+    import shutil
+
+    from rlhfkit.config import make_config
+    from rlhfkit.ppo.config import PPOConfig
+    from rlhfkit.ppo.train import run_ppo
+
+    torch.set_num_threads(args.threads)
+    run_dir = work / "rlhfkit-out"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_ppo(make_config(PPOConfig, {
+        "actor": str(work / "actor"), "reward": str(work / "reward"), "prompts": [str(work / "prompts.jsonl")],
+        "output": str(run_dir), "max_steps": args.iterations, "batch_size": cfg["prompts"],
+        "mini_batch_size": cfg["prompts"] // cfg["minibatches"], "ppo_epochs": cfg["epochs"],
+        "max_new_tokens": cfg["new_tokens"], "dtype": args.dtype, "save_every": 0, "sample_every": 0,
+        "lr": 1e-6, "critic_lr": 1e-6, "kl_coef": 0.05, "reward_norm": "none", "reward_clip": 0.0}))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [{"time_iteration": r["time_iteration"], "time_generate": r["time_generate"],
+                   "time_forward": r["time_score"] + r["time_experience"], "time_train": r["time_train"],
+                   "response_tokens": r["response_length"] * cfg["prompts"]} for r in records]
+    out_file.write_text(json.dumps({"side": "rlhfkit", "iterations": iterations, "threads": torch.get_num_threads(),
+                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                    "dtype": args.dtype}))
+
+
+def run_side(side: str, work: Path, out_file: Path, args, python: str | None) -> dict:
+    cfg = CONFIGS[args.config]
+    common = ["--work", str(work), "--out", str(out_file), "--iterations", str(args.iterations), "--dtype", args.dtype,
+              "--threads", str(args.threads)]
+    if side == "rlhfkit":
+        command = [sys.executable, __file__, "--side", "rlhfkit", "--config", args.config] + common
+    else:
+        command = [python, str(HERE / "trl_side.py"), "--batch", str(cfg["prompts"]), "--new-tokens",
+                   str(cfg["new_tokens"]), "--epochs", str(cfg["epochs"]), "--minibatches", str(cfg["minibatches"])
+                   ] + common
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(out_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+def matmul_rate(dtype: torch.dtype, threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    """GFLOP/s of an n x n x n matrix product on this machine (the best of repeated timings)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def phase_flops(cfg: dict, vocab: int, prompt_len: float, response_len: float, side: str) -> dict[str, float]:
+    """Model FLOPs of each phase of one iteration (matrix products and attention; 2 per multiply-add; backward = 2x
+    forward). Generation with a KV cache does one forward's work over the prompt and response."""
+    h, layers, ffn, B = cfg["hidden"], cfg["layers"], cfg["ffn"], cfg["prompts"]
+    T = prompt_len + response_len
+    block = layers * (4 * h * h + 3 * h * ffn)
+    attention = 2 * layers * h * T * T  # QK^T and AV over the causal half, per sequence
+
+    def forward(head_tokens: float, head_width: int) -> float:
+        return B * (2 * block * T + attention + 2 * h * head_width * head_tokens)
+
+    lm_all, lm_response, value = forward(T, vocab), forward(response_len, vocab), forward(T, 1)
+    generate = lm_all
+    if side == "rlhfkit":  # actor and reference log-probs (logits at the response only), critic, reward model
+        no_grad = 2 * lm_response + 2 * value
+    else:  # reference log-probs (all logits), value model, reward model; the old log-probs come from sampling
+        no_grad = lm_all + 2 * value
+    train_logits = lm_response if side == "rlhfkit" else lm_all
+    train = cfg["epochs"] * 3 * (train_logits + value)
+    return {"generate": generate, "forward": no_grad, "train": train}
+
+
+def summarise(results: list[dict]) -> dict[str, float]:
+    timed = [it for r in results for it in r["iterations"][1:]]
+    keys = ("time_iteration", "time_generate", "time_forward", "time_train", "response_tokens")
+    m = {k: statistics.median(it[k] for it in timed) for k in keys}
+    m["tokens_per_s"] = statistics.median(it["response_tokens"] / it["time_iteration"] for it in timed)
+    m["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    m["n"] = len(timed)
+    return m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="S")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--iterations", type=int, default=6, help="PPO iterations per run (the first is not timed)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--trl", action="store_true", help="also run TRL 1.12 (installed into a throwaway venv)")
+    parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
+    parser.add_argument("--side", choices=["rlhfkit"], help=argparse.SUPPRESS)  # internal: one run of one side
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cfg = CONFIGS[args.config]
+    if args.side:
+        run_rlhfkit(Path(args.work), Path(args.out), cfg, args)  # --out: the JSON file to write
+        return
+    out = Path(args.out)
+    work = out / f"{args.config}-{args.dtype}"
+    facts = build(work, cfg, args.iterations)
+    python = trl_python(out.resolve()) if args.trl else None
+    sides = ["rlhfkit"] + (["trl"] if args.trl else [])
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for repeat in range(args.repeats):
+        for side in sides:
+            results[side].append(run_side(side, work, work / f"{side}-{repeat}.json", args, python))
+            print(f"run {repeat + 1}/{args.repeats} {side}: "
+                  f"{statistics.median(i['time_iteration'] for i in results[side][-1]['iterations'][1:]):.3f} s/iter",
+                  flush=True)
+    rates = {"float32": matmul_rate(torch.float32, args.threads), "bfloat16": matmul_rate(torch.bfloat16, args.threads)}
+    summary = {s: summarise(r) for s, r in results.items()}
+    report(args, cfg, facts, summary, rates)
+    (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
+                                                   "summary": summary, "matmul_gflops": rates}, indent=2))
+
+
+def report(args, cfg: dict, facts: dict, summary: dict, rates: dict) -> None:
+    print(f"\nconfig {args.config}: Llama hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, FFN "
+          f"{cfg['ffn']}, vocab {facts['vocab']} ({facts['params'] / 1e6:.1f}M parameters per model); "
+          f"{cfg['prompts']} prompts (mean {facts['prompt_len']:.0f} tokens) x {cfg['new_tokens']} new tokens, "
+          f"{cfg['epochs']} PPO epoch(s), {cfg['minibatches']} minibatch; {args.dtype}; {args.threads} threads; "
+          f"torch {torch.__version__}")
+    print("both sides: actor + reference (Llama), reward model + critic (classifier), sampling at temperature 1, "
+          "stop at EOS, KL coef 0.05, whitened advantages, no reward normalisation\n")
+    print("| side | s/iteration | generate | forward | train | response tokens/s | peak RSS MB | iterations timed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side, m in summary.items():
+        name = "rlhfkit" if side == "rlhfkit" else f"TRL {TRL_VERSION}"
+        print(f"| {name} | {m['time_iteration']:.3f} | {m['time_generate']:.3f} | {m['time_forward']:.3f} | "
+              f"{m['time_train']:.3f} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | {m['n']} |")
+    if "trl" in summary:
+        r, t = summary["rlhfkit"], summary["trl"]
+        print(f"| TRL / rlhfkit (speed-up) | {t['time_iteration'] / r['time_iteration']:.2f}x | "
+              f"{t['time_generate'] / r['time_generate']:.2f}x | {t['time_forward'] / r['time_forward']:.2f}x | "
+              f"{t['time_train'] / r['time_train']:.2f}x | | | |")
+    rate = rates[args.dtype]
+    print(f"\nmatrix-product rate measured here: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 "
+          f"{rates['bfloat16']:.0f} GFLOP/s; model FLOPs per phase / phase time:\n")
+    print("| side | phase | model GFLOP | GFLOP/s | share of the " + args.dtype + " rate |")
+    print("|---|---|---|---|---|")
+    for side, m in summary.items():
+        response_len = m["response_tokens"] / cfg["prompts"]
+        flops = phase_flops(cfg, facts["vocab"], facts["prompt_len"], response_len, side)
+        for phase, f in flops.items():
+            speed = f / m[f"time_{phase}"] / 1e9
+            print(f"| {side} | {phase} | {f / 1e9:.1f} | {speed:.1f} | {speed / rate:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
