@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "S": dict(hidden=256, layers=4, heads=4, ffn=1024, prompts=16, new_tokens=32, epochs=4, minibatches=1),
     "M": dict(hidden=512, layers=8, heads=8, ffn=2048, prompts=64, new_tokens=128, epochs=1, minibatches=1),
+    "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, prompts=4, new_tokens=4, epochs=1, minibatches=1),  # the test
 }
 TRL_VERSION = "1.12.0"
 WORDS = ("the a of to and in is it that was for on are with as his they at be this from have or by one had not but "
@@ -132,12 +133,11 @@ def run_side(side: str, work: Path, out_file: Path, args, python: str | None) ->
 
 
 # ---------------------------------------------------------------------------------------------------- the report
-def matmul_rate(dtype: torch.dtype, threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+def matmul_rate(dtype: torch.dtype, threads: int, n: int, seconds: float = 1.0) -> float:
     """GFLOP/s of an n x n x n matrix product on this machine (the best of repeated timings)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         start = time.perf_counter()
@@ -169,7 +169,7 @@ def phase_flops(cfg: dict, vocab: int, prompt_len: float, response_len: float, s
 
 
 def summarise(results: list[dict]) -> dict[str, float]:
-    timed = [it for r in results for it in r["iterations"][1:]]
+    timed = [it for r in results for it in (r["iterations"][1:] or r["iterations"])]
     keys = ("time_iteration", "time_generate", "time_forward", "time_train", "response_tokens")
     m = {k: statistics.median(it[k] for it in timed) for k in keys}
     m["tokens_per_s"] = statistics.median(it["response_tokens"] / it["time_iteration"] for it in timed)
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--trl", action="store_true", help="also run TRL 1.12 (installed into a throwaway venv)")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
     parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
     parser.add_argument("--side", choices=["rlhfkit"], help=argparse.SUPPRESS)  # internal: one run of one side
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -203,10 +204,10 @@ def main() -> None:
     for repeat in range(args.repeats):
         for side in sides:
             results[side].append(run_side(side, work, work / f"{side}-{repeat}.json", args, python))
-            print(f"run {repeat + 1}/{args.repeats} {side}: "
-                  f"{statistics.median(i['time_iteration'] for i in results[side][-1]['iterations'][1:]):.3f} s/iter",
-                  flush=True)
-    rates = {"float32": matmul_rate(torch.float32, args.threads), "bfloat16": matmul_rate(torch.bfloat16, args.threads)}
+            print(f"run {repeat + 1}/{args.repeats} {side}: {summarise(results[side][-1:])['time_iteration']:.3f} "
+                  "s/iter", flush=True)
+    rates = {name: matmul_rate(dtype, args.threads, args.matmul_size)
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     summary = {s: summarise(r) for s, r in results.items()}
     report(args, cfg, facts, summary, rates)
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,

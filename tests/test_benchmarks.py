@@ -1,0 +1,45 @@
+"""The PPO benchmark cannot rot: a tiny run of its rlhfkit side end to end, and its FLOP count checked by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_vs_trl.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("ppo_vs_trl", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phase_flops_by_hand():
+    """hidden 2, 1 layer, FFN 4, vocab 3, one sequence of 1 prompt + 1 response token (T = 2): a block has
+    4*2*2 + 3*2*4 = 40 weights, attention 2*1*2*2*2 = 16 FLOPs; a forward is 2*40*2 + 16 = 176 FLOPs plus its head,
+    2*2*width per token it is read at (vocab 3 at both positions: 24; at the response only: 12; value head: 8)."""
+    bench = load_bench()
+    cfg = dict(hidden=2, layers=1, ffn=4, prompts=1, epochs=1)
+    ours = bench.phase_flops(cfg, vocab=3, prompt_len=1, response_len=1, side="rlhfkit")
+    trl = bench.phase_flops(cfg, vocab=3, prompt_len=1, response_len=1, side="trl")
+    assert ours == {"generate": 200, "forward": 2 * 188 + 2 * 184, "train": 3 * (188 + 184)}
+    assert trl == {"generate": 200, "forward": 200 + 2 * 184, "train": 3 * (200 + 184)}
+
+
+def test_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(BENCH), "--config", "tiny", "--iterations", "2", "--repeats", "1",
+                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "| rlhfkit |" in done.stdout and "| rlhfkit | train |" in done.stdout
+    summary = json.loads((out / "tiny-float32" / "summary.json").read_text())
+    m = summary["summary"]["rlhfkit"]
+    assert m["n"] == 1 and m["time_iteration"] > 0 and m["peak_rss_mb"] > 0
+    assert 0 < m["response_tokens"] <= 4 * 4  # 4 prompts x at most 4 new tokens
+    assert summary["matmul_gflops"]["float32"] > 0
