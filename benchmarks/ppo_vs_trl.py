@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from train_throughput import sentence  # the word list the SFT/RM benchmark uses
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -37,13 +38,6 @@ CONFIGS = {
     "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, prompts=4, new_tokens=4, epochs=1, minibatches=1),  # the test
 }
 TRL_VERSION = "1.12.0"
-WORDS = ("the a of to and in is it that was for on are with as his they at be this from have or by one had not but "
-         "what all were when we there can an your which their said if do will each about how up out them then she "
-         "many some so these would other into has more her two like him see time could no make than first been").split()
-
-
-def sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 # ------------------------------------------------------------------------------------------------------- set-up

@@ -13,6 +13,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_vs_trl.py"
 
 
 def load_bench():
+    if str(BENCH.parent) not in sys.path:  # the benchmark imports its neighbour train_throughput.py
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("ppo_vs_trl", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
