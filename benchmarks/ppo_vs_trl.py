@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -118,7 +119,7 @@ def run_side(side: str, work: Path, out_file: Path, args, python: str | None) ->
         command = [python, str(HERE / "trl_side.py"), "--batch", str(cfg["prompts"]), "--new-tokens",
                    str(cfg["new_tokens"]), "--epochs", str(cfg["epochs"]), "--minibatches", str(cfg["minibatches"])
                    ] + common
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:

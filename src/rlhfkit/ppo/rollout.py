@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.models import position_ids, token_values  # noqa: F401  (token_values: re-exported for PPO)
+from rlhfkit.models import position_ids, token_values
 from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
 
 

@@ -209,9 +209,7 @@ def gathered(model: torch.nn.Module):
     numbers of (generation stops at different lengths): FSDP gathers every unit once and keeps it until the end,
     so no collective runs inside. Yields the module to call (DDP's inner module: its forward hooks are for
     training)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    units = _fsdp_units(model)
     if not units:
         yield unwrap(model)
         return
@@ -235,9 +233,7 @@ def adapter_disabled(model: torch.nn.Module):
     on the sharded parameters, which FSDP copies the flag from at every unshard; a unit left gathered after a forward
     pass (the root is) would take them on its temporary full parameters instead, and its adapter weights would
     silently stop training. So every unit is resharded on the way in and on the way out."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = _fsdp_units(model)
     for unit in units:
         unit.reshard()
     peft_model = next(m for m in unwrap(model).modules() if hasattr(m, "peft_config"))
@@ -247,6 +243,13 @@ def adapter_disabled(model: torch.nn.Module):
         finally:
             for unit in units:
                 unit.reshard()
+
+
+def _fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP-sharded modules inside `model`, the root first (none unless the strategy is fsdp)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
