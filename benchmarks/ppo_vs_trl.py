@@ -11,8 +11,8 @@ Each side runs in a fresh process, the sides alternate (rlhfkit, TRL, rlhfkit, .
 number of threads. TRL 1.12 is installed with `--trl` into a throwaway venv (runs/bench-trl-venv; it reuses this
 environment's torch and transformers) and runs from benchmarks/trl_side.py. The table gives medians over all timed
 iterations (the first of each run, which includes warm-up, is left out); "forward" is every no-gradient pass after
-sampling (rlhfkit: reward, actor and reference log-probs, values; TRL: reference log-probs, values, reward: it keeps
-the sampling logits as the old log-probs); "train" is the PPO epochs. The efficiency table divides each phase's model
+sampling (reward, reference log-probs, values: both sides keep the sampling logits as the old log-probs); "train"
+is the PPO epochs. The efficiency table divides each phase's model
 FLOPs by its time and compares that with the matrix-product rate measured in the same run.
 """
 
@@ -154,10 +154,9 @@ def phase_flops(cfg: dict, vocab: int, prompt_len: float, response_len: float, s
 
     lm_all, lm_response, value = forward(T, vocab), forward(response_len, vocab), forward(T, 1)
     generate = lm_all
-    if side == "rlhfkit":  # actor and reference log-probs (logits at the response only), critic, reward model
-        no_grad = 2 * lm_response + 2 * value
-    else:  # reference log-probs (all logits), value model, reward model; the old log-probs come from sampling
-        no_grad = lm_all + 2 * value
+    # Both sides keep the sampling logits as the old log-probs. rlhfkit: reference log-probs (logits at the response
+    # only), critic, reward model; TRL: reference log-probs (all logits), value model, reward model.
+    no_grad = (lm_response if side == "rlhfkit" else lm_all) + 2 * value
     train_logits = lm_response if side == "rlhfkit" else lm_all
     train = cfg["epochs"] * 3 * (train_logits + value)
     return {"generate": generate, "forward": no_grad, "train": train}

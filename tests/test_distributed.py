@@ -234,8 +234,11 @@ def test_ppo_on_two_ranks_matches_one_process(ppo_runs, single, two):
         torch.testing.assert_close(torch.tensor([r[key] for r in both]), torch.tensor([r[key] for r in one]),
                                    rtol=1e-4, atol=1e-6, msg=key)
     assert one[-1]["advantage_std"] > 0.1 and one[-1]["kl"] > 0.01  # the statistics compared are not trivial
+    # Adam divides by each element's gradient RMS, so an element whose gradient is near zero moves by up to lr per
+    # step on float rounding alone (the ranks' passes hold other rows, so they round differently): measured up to
+    # 2e-5 here. 1e-4 is 3% of one step at lr 3e-3; a real error (a share of the loss lost) moves every element.
     for folder in ("final", "final_critic", "final_ema"):
-        assert_close_weights(all_weights(ppo_runs[two] / folder), all_weights(ppo_runs[single] / folder), atol=1e-5)
+        assert_close_weights(all_weights(ppo_runs[two] / folder), all_weights(ppo_runs[single] / folder), atol=1e-4)
 
 
 def test_ppo_fsdp_checkpoint_from_two_ranks_resumes_on_one_process(ppo_runs, tmp_path):

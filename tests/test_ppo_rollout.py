@@ -15,8 +15,8 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.models import add_lora, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, last_token_scores,
-                                 left_pad, pad_responses,
-                                 position_ids, response_logprobs, stop_string_ends, token_values)
+                                 left_pad, micro_batches, pad_responses, position_ids, response_logprobs,
+                                 stop_string_ends, token_values)
 from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, call_reward_fn, load_reward_fn,
                                  same_vocabulary, shape_scores)
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
@@ -191,9 +191,13 @@ class ScriptedActor(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.responses, self.calls = responses, []
 
-    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor=(), **kwargs):
         self.calls.append({"input_ids": input_ids, "attention_mask": attention_mask, "config": generation_config,
                            **kwargs})
+        vocab = int(self.responses.max()) + 1
+        for step in range(self.responses.shape[1]):  # as Hugging Face does: each step's logits to the processors
+            for processor in logits_processor:
+                processor(torch.cat([input_ids, self.responses[:, :step]], 1), torch.zeros(len(input_ids), vocab))
         return torch.cat([input_ids, self.responses], 1)
 
 
@@ -235,9 +239,9 @@ def test_generate_cuts_after_eos_and_stop_strings(tokenizer):
     assert "tokenizer" not in actor.calls[0] and not actor.calls[0]["config"].stop_strings
 
 
-def eos_biased_llama(tiny_models, tokenizer, bias: float):
-    """The tiny Llama with an lm_head bias that makes EOS likely at each step (about 1 in 6 for bias 3)."""
-    model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+def eos_biased_llama(tiny_models, tokenizer, bias: float, arch: str = "llama"):
+    """The tiny Llama (or `arch`) with an lm_head bias that makes EOS likely at each step (about 1 in 6 for bias 3)."""
+    model = load_causal_lm(str(tiny_models[arch]), tokenizer)
     head = model.lm_head
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -296,6 +300,76 @@ def test_generate_end_to_end_stop_string(tokenizer, tiny_models):
         assert stopped == (ends_with_eos or stop in tokenizer.decode(valid))
         by_string += stopped and not ends_with_eos
     assert by_string > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_keeps_the_sampled_tokens_logprobs(arch, tokenizer, tiny_models):
+    """The old log-probs kept while sampling are those of a full forward pass over the finished rollout (what PPO
+    computed before), at the sampling temperature, over the whole vocabulary even with top-k and top-p; 0 where
+    masked. Rows stop at different steps and prompts have different lengths."""
+    model = eos_biased_llama(tiny_models, tokenizer, bias=0.5, arch=arch).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in PROMPT_TEXTS] * 2
+    torch.manual_seed(0)
+    rollout = generate(model, prompts, tokenizer, Sampling(max_new_tokens=7, temperature=TEMPERATURE, top_k=20,
+                                                           top_p=0.9))
+    assert 0 < int(rollout.stopped.sum()) < len(prompts)
+    with torch.no_grad():
+        full, _ = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, TEMPERATURE)
+    mask = rollout.response_mask
+    torch.testing.assert_close(rollout.logprobs[mask], full[mask], atol=2e-5, rtol=0)
+    assert (rollout.logprobs[~mask] == 0).all() and (rollout.logprobs[mask] < 0).all()
+    # One row alone, unpadded, gives the same numbers.
+    n = int(mask[0].sum())
+    with torch.no_grad():
+        logits = model(solo(prompts[0], rollout.responses[0, :n].tolist())).logits[0, -n - 1:-1] / TEMPERATURE
+    alone = logits.log_softmax(-1).gather(1, rollout.responses[0, :n].unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(rollout.logprobs[0, :n], alone, atol=2e-5, rtol=0)
+    # Greedy decoding keeps none.
+    assert generate(model, prompts, tokenizer, Sampling(max_new_tokens=3, temperature=0)).logprobs is None
+
+
+def test_micro_batches_group_like_lengths_and_drop_their_padding():
+    """Rows sorted longest first, `size` at a time; each micro-batch keeps the prompt columns its rows attend and the
+    response columns up to its longest response, exactly."""
+    # P = 3, R = 3. Row: (prompt length, response length) = 0: (1, 1), 1: (3, 3), 2: (2, 1), 3: (1, 2)
+    ids = torch.tensor([[0, 0, 5, 11, 0, 0], [6, 7, 8, 12, 13, 14], [0, 9, 9, 15, 0, 0], [0, 0, 4, 16, 17, 0]])
+    attention = (ids != 0).long()
+    rollout = Rollout(input_ids=ids, attention_mask=attention, prompt_len=3,
+                      response_mask=attention[:, 3:].bool(), stopped=torch.tensor([True, False, True, True]))
+    parts = micro_batches(rollout, [0, 1, 2, 3], 2)
+    assert [mb.rows for mb in parts] == [[1, 2], [3, 0]]  # lengths 6, 3, 3, 2: ties keep their order
+    first, second = parts
+    assert (first.prompt_len, first.response_len) == (3, 3) and torch.equal(first.input_ids, ids[[1, 2]])
+    assert (second.prompt_len, second.response_len) == (1, 2)
+    assert second.input_ids.tolist() == [[4, 16, 17], [5, 11, 0]]
+    assert second.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    values = torch.arange(12.0).view(4, 3)
+    assert second.take(values).tolist() == [[9.0, 10.0], [0.0, 1.0]]
+    assert [mb.rows for mb in micro_batches(rollout, [2, 0], 8)] == [[2, 0]]  # a subset, as a rank's share
+
+
+def test_micro_batches_give_the_logprobs_of_the_whole_batch(tokenizer, tiny_models):
+    model = load_causal_lm(str(tiny_models["llama"]), tokenizer).eval()
+    _, _, input_ids, attention_mask, P = padded_batch(tokenizer)
+    rollout = Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=P,
+                      response_mask=attention_mask[:, P:].bool(), stopped=torch.tensor([True, False, False]))
+    with torch.no_grad():
+        whole, _ = response_logprobs(model, input_ids, attention_mask, P, TEMPERATURE)
+        pieces = torch.zeros_like(whole)
+        for mb in micro_batches(rollout, [0, 1, 2], 2):
+            pieces[mb.rows, :mb.response_len] = response_logprobs(model, mb.input_ids, mb.attention_mask,
+                                                                  mb.prompt_len, TEMPERATURE)[0]
+    mask = rollout.response_mask
+    torch.testing.assert_close(pieces[mask], whole[mask], atol=1e-5, rtol=0)
+
+
+def test_entropy_is_detached_unless_it_is_trained(tokenizer, tiny_models):
+    model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    _, _, input_ids, attention_mask, P = padded_batch(tokenizer)
+    logprobs, logged = response_logprobs(model, input_ids, attention_mask, P, 1.0, with_entropy=True)
+    _, trained = response_logprobs(model, input_ids, attention_mask, P, 1.0, with_entropy=True, entropy_grad=True)
+    assert logprobs.requires_grad and not logged.requires_grad and trained.requires_grad
+    torch.testing.assert_close(logged, trained.detach(), atol=0, rtol=0)
 
 
 def test_generate_stop_string_across_the_prompt_boundary(tokenizer, tiny_models):
@@ -411,9 +485,9 @@ def test_lora_critic_with_adapter_disabled_is_the_reward_model(arch, tokenizer, 
         rollout = Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_len=P,
                           response_mask=attention_mask[:, P:].bool(), stopped=torch.tensor([True, False, False]))
         scorer = RewardModelScorer(critic, tokenizer, adapter_disabled=True, same_tokenizer=True,
-                                   template="human-assistant", max_len=64, batch_size=2)
+                                   template="human-assistant", max_len=64)
         examples = [PromptExample(prompt=[Message("user", t)], raw=True) for t in PROMPT_TEXTS]
-        scores = scorer(rollout, examples, RESPONSE_TEXTS)
+        scores = scorer(rollout, examples, RESPONSE_TEXTS, 2)
         torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
         # The critic's own values are unaffected afterwards.
         torch.testing.assert_close(last_token_scores(critic, input_ids, attention_mask), critic_scores, atol=0, rtol=0)
@@ -457,7 +531,7 @@ def test_retokenize_for_another_reward_model(tokenizer, other_reward_model):
     responses = ["Item 3 is red.", "It is blue and", " blue"]
     stopped = [True, False, True]
     scorer = RewardModelScorer(rm, rm_tok, adapter_disabled=False, same_tokenizer=False, template="human-assistant",
-                               max_len=64, batch_size=2)
+                               max_len=64)
 
     def pieces(*texts):
         return [t for text in texts for t in rm_tok(text, add_special_tokens=False)["input_ids"]]
@@ -478,12 +552,12 @@ def test_retokenize_for_another_reward_model(tokenizer, other_reward_model):
     rollout = Rollout(input_ids=actor_ids, attention_mask=torch.ones(3, 4, dtype=torch.long), prompt_len=2,
                       response_mask=torch.ones(3, 2, dtype=torch.bool), stopped=torch.tensor(stopped))
     with torch.no_grad():
-        scores = scorer(rollout, examples, responses)
+        scores = scorer(rollout, examples, responses, 2)
         alone = torch.stack([rm(input_ids=torch.tensor([ids])).logits[0, 0] for ids in expected])
     torch.testing.assert_close(scores, alone, atol=1e-5, rtol=0)
     # Too long: the prompt loses its start, the response and its EOS stay.
     short = RewardModelScorer(rm, rm_tok, adapter_disabled=False, same_tokenizer=False, template="human-assistant",
-                              max_len=8, batch_size=2)
+                              max_len=8)
     batch = short.retokenize(examples[:1], responses[:1], [True])
     assert batch["input_ids"][0].tolist() == expected[0][-8:]
 
@@ -491,9 +565,9 @@ def test_retokenize_for_another_reward_model(tokenizer, other_reward_model):
 def test_retokenize_keeps_bos_when_truncating(tokenizer):
     example = PromptExample(prompt=[Message("user", "What color is item 3?")], raw=False)
     scorer = RewardModelScorer(None, tokenizer, adapter_disabled=False, same_tokenizer=False,
-                               template="human-assistant", max_len=10, batch_size=1)
+                               template="human-assistant", max_len=10)
     full = RewardModelScorer(None, tokenizer, adapter_disabled=False, same_tokenizer=False,
-                             template="human-assistant", max_len=100, batch_size=1)
+                             template="human-assistant", max_len=100)
     whole = full.retokenize([example], [" Item 3 is red."], [False])["input_ids"][0].tolist()
     assert whole[0] == tokenizer.bos_token_id and whole[-1] != tokenizer.eos_token_id and len(whole) > 10
     cut = scorer.retokenize([example], [" Item 3 is red."], [False])["input_ids"][0].tolist()

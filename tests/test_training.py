@@ -22,7 +22,7 @@ from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokenizer, score_head
 from rlhfkit.rm.train import RMConfig, encode_pairs, run_rm, score_pairs
 from rlhfkit.sft.train import SFTConfig, run_sft
-from rlhfkit.training.common import make_optimizer, make_scheduler
+from rlhfkit.training.common import make_optimizer, make_scheduler, rows_per_pass
 from rlhfkit.training.loop import TrainingError, fit, train_step
 from rlhfkit.training.metrics import RunLogger
 
@@ -514,3 +514,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, t
     assert grad_a.keys() == grad_b.keys() and len(grad_a) > 10
     for name in grad_a:
         torch.testing.assert_close(grad_b[name], grad_a[name], atol=1e-6, rtol=0)
+
+
+def test_rows_per_pass_fills_the_token_budget():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert rows_per_pass(4, 0, 1000, cpu) == 4  # an explicit micro_batch_size wins
+    assert rows_per_pass(0, 0, 176, cpu) == 11  # 2048 // 176
+    assert rows_per_pass(0, 0, 176, gpu) == 93  # 16384 // 176
+    assert rows_per_pass(0, 1000, 176, cpu) == 5
+    assert rows_per_pass(0, 100, 176, cpu) == 1  # at least one row

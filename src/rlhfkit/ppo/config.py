@@ -102,8 +102,10 @@ class PPOConfig(CommonConfig):
     lr: float = option(1e-6, "actor learning rate (AdamW; 1e-6 is in the range DeepSpeed-Chat and OpenRLHF use)",
                        group="training")
     batch_size: int = option(8, "prompts per PPO iteration", group="training")
-    micro_batch_size: int = option(0, "sequences per forward pass when scoring and updating; 0 = "
-                                      "mini_batch_size", group="training")
+    micro_batch_size: int = option(0, "sequences per forward pass when scoring and updating; 0 = as many as "
+                                      "micro_batch_tokens allows", group="training")
+    micro_batch_tokens: int = option(0, "with micro_batch_size 0: padded tokens per forward pass (0 = 2048 on CPU, "
+                                        "where larger passes are slower per token, 16384 on GPU)", group="training")
     max_steps: int = option(0, "PPO iterations; 0 = as many as `epochs` over the prompts needs",
                             group="training")
     max_len: int = option(512, "longest PTX sequence in tokens (longer rows are cut at the end)", group="model")
@@ -139,8 +141,9 @@ class PPOConfig(CommonConfig):
         require(self.ppo_epochs >= 1, f"ppo_epochs: must be >= 1, got {self.ppo_epochs}")
         require(self.batch_size % self.mini_batch == 0,
                 f"mini_batch_size: {self.mini_batch} must divide batch_size {self.batch_size}")
-        require(self.mini_batch % self.micro == 0,
-                f"micro_batch_size: {self.micro} must divide mini_batch_size {self.mini_batch}")
+        require(self.mini_batch % (self.micro_batch_size or self.mini_batch) == 0,
+                f"micro_batch_size: {self.micro_batch_size} must divide mini_batch_size {self.mini_batch}")
+        require(self.micro_batch_tokens >= 0, f"micro_batch_tokens: must be >= 0, got {self.micro_batch_tokens}")
         require(0 <= self.gamma <= 1, f"gamma: must be in [0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"lam: must be in [0, 1], got {self.lam}")
         require(self.cliprange > 0, f"cliprange: must be > 0, got {self.cliprange}")
@@ -158,10 +161,6 @@ class PPOConfig(CommonConfig):
     @property
     def mini_batch(self) -> int:
         return self.mini_batch_size or self.batch_size
-
-    @property
-    def micro(self) -> int:
-        return self.micro_batch_size or self.mini_batch
 
     @property
     def use_ptx(self) -> bool:

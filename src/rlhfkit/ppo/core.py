@@ -57,8 +57,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 # -------------------------------------------------------------------------------------------------- policy outputs
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels): logits (B, R, V) float, labels (B, R) long -> (B, R)."""
-    return torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    """log p(labels): logits (B, R, V) float, labels (B, R) long -> (B, R). (The logit minus the log-sum-exp: no
+    (B, R, V) log-softmax is kept.)"""
+    return logits.gather(2, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from rlhfkit.data.batching import chunks
 from rlhfkit.models import position_ids, token_values
 from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
 
@@ -31,6 +33,9 @@ class Rollout:
     prompt_len: int  # P
     response_mask: torch.Tensor  # (B, R) bool
     stopped: torch.Tensor  # (B,) bool: the response ended with EOS or a stop string (else it hit max_new_tokens)
+    # (B, R) log-probs of the sampled tokens under the actor at sampling time (temperature applied, 0 where masked),
+    # read from the logits generation computed anyway; None for greedy decoding
+    logprobs: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -53,8 +58,6 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
     """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked.
 
     `sampling.temperature == 0` decodes greedily (the evaluation tools' default; PPO's config requires > 0)."""
-    from transformers import GenerationConfig
-
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     device = next(actor.parameters()).device
@@ -68,17 +71,50 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
                               eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
                               stop_strings=list(sampling.stop_strings) or None)
     extra = {"tokenizer": tokenizer} if sampling.stop_strings else {}
+    recorder = None if greedy else _SampledLogprobs(sampling.temperature)
+    if recorder is not None:
+        extra["logits_processor"] = LogitsProcessorList([recorder])
     actor.eval()
     out = actor.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                         generation_config=config, **extra).cpu()
+                         generation_config=config, **extra)
     responses = out[:, prompt_ids.shape[1]:]
+    logprobs = recorder.logprobs(responses).cpu() if recorder is not None else None
+    responses = responses.cpu()
     is_stop = responses == eos_id
     if sampling.stop_strings:
         is_stop |= stop_string_ends(responses, tokenizer, sampling.stop_strings, prompts)
     responses, response_mask, stopped = truncate_after_stop(responses, is_stop, pad_id)
     return Rollout(input_ids=torch.cat([prompt_ids, responses], 1),
                    attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
-                   prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped)
+                   prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped,
+                   logprobs=None if logprobs is None else logprobs.masked_fill(~response_mask, 0.0))
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Keeps log pi(token) of each sampled token, at the sampling temperature, from the logits `generate` computes
+    anyway: PPO's old log-probs without another forward pass of the actor.
+
+    transformers runs the processors passed to `generate` before its temperature, top-k and top-p warpers, so the
+    scores seen here are the model's logits. The token sampled from step t's scores is the last column of the ids
+    passed at step t + 1 (or of the output, for the last step); one step's (B, V) log-softmax is held at a time."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # (B, V) the last step's log-softmax
+        self.columns: list[torch.Tensor] = []  # (B, 1) each
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.columns.append(self.previous.gather(1, input_ids[:, -1:]))
+        self.previous = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def logprobs(self, responses: torch.Tensor) -> torch.Tensor:
+        """(B, R) for the generated `responses` (B, R)."""
+        if self.previous is None or len(self.columns) + 1 != responses.shape[1]:
+            raise RuntimeError(f"generate called the logits processor {len(self.columns) + (self.previous is not None)}"
+                               f" times for {responses.shape[1]} new tokens")
+        return torch.cat(self.columns + [self.previous.gather(1, responses[:, -1:])], 1)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -95,9 +131,11 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         left, right = P - r.prompt_len, R - r.response_mask.shape[1]
         pieces.append((repad(r.input_ids, left, right, pad_id), repad(r.attention_mask, left, right, 0),
                        repad(r.response_mask, 0, right, False)))
+    with_logprobs = all(r.logprobs is not None for r in parts)
     return Rollout(input_ids=torch.cat([p[0] for p in pieces]), attention_mask=torch.cat([p[1] for p in pieces]),
                    prompt_len=P, response_mask=torch.cat([p[2] for p in pieces]),
-                   stopped=torch.cat([r.stopped for r in parts]))
+                   stopped=torch.cat([r.stopped for r in parts]),
+                   logprobs=torch.cat([pad_responses(r.logprobs, R) for r in parts]) if with_logprobs else None)
 
 
 def pad_responses(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
@@ -136,9 +174,11 @@ def stop_string_ends(responses: torch.Tensor, tokenizer, stop_strings: tuple[str
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float, *, with_entropy: bool = False
+                      temperature: float, *, with_entropy: bool = False, entropy_grad: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs (B, R), entropy (B, R) or None) of the response tokens under `model`, at the sampling temperature.
+    The entropy is detached unless `entropy_grad` (an entropy bonus trains on it; a logged entropy need not pay for a
+    backward pass over (B, R, V)).
 
     Only the R + 1 last positions' logits are computed: the full (B, T, V) tensor is the largest in PPO.
     """
@@ -147,7 +187,38 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                    logits_to_keep=n_response + 1, use_cache=False).logits
     logits = logits[:, :-1].float() / temperature  # position P-1+t predicts response token t
     logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
-    return logprobs, entropy_from_logits(logits) if with_entropy else None
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, entropy_from_logits(logits if entropy_grad else logits.detach())
+
+
+@dataclass
+class MicroBatch:
+    """Some rows of a rollout cut to their own width: prompt columns that none of them attends and response columns
+    past the longest of their responses are dropped, so that padding costs no compute."""
+    rows: list[int]
+    input_ids: torch.Tensor  # (b, p + r)
+    attention_mask: torch.Tensor  # (b, p + r)
+    prompt_len: int  # p
+    response_len: int  # r
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """A rollout's per-token tensor (B, R) -> (b, r): these rows, the columns kept."""
+        return x[self.rows, :self.response_len]
+
+
+def micro_batches(rollout: Rollout, rows: list[int], size: int) -> list[MicroBatch]:
+    """`rows` of the rollout `size` at a time, longest first so that rows of like length share a micro-batch."""
+    prompt_lens = rollout.attention_mask[:, :rollout.prompt_len].sum(-1).tolist()
+    response_lens = rollout.response_mask.sum(-1).tolist()
+    ordered = sorted(rows, key=lambda i: -(prompt_lens[i] + response_lens[i]))
+    batches = []
+    for part in chunks(ordered, size):
+        p = max(prompt_lens[i] for i in part)
+        r = max(1, max(response_lens[i] for i in part))
+        columns = slice(rollout.prompt_len - p, rollout.prompt_len + r)
+        batches.append(MicroBatch(part, rollout.input_ids[part, columns], rollout.attention_mask[part, columns], p, r))
+    return batches
 
 
 def last_token_scores(classifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,9 @@ class FunctionScorer:
     def __init__(self, fn: Callable, tokenizer):
         self.fn, self.tokenizer = fn, tokenizer
 
-    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str]) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str],
+                 batch_size: int = 0) -> torch.Tensor:
+        """(B,) scores; `batch_size` is not used (the function sees the whole batch)."""
         prompts = self.tokenizer.batch_decode(rollout.input_ids[:, :rollout.prompt_len], skip_special_tokens=True)
         return call_reward_fn(self.fn, prompts, response_texts, examples)
 
@@ -99,31 +101,36 @@ class RewardModelScorer:
     the LoRA critic whose disabled adapter gives the reward model)."""
 
     def __init__(self, model, tokenizer, *, adapter_disabled: bool, same_tokenizer: bool, template: str,
-                 max_len: int, batch_size: int):
+                 max_len: int):
         if model is not None and not isinstance(unwrap(model), TokenValues):
             model = TokenValues(model)
         self.model, self.tokenizer, self.adapter_disabled = model, tokenizer, adapter_disabled
-        self.same_tokenizer, self.template, self.max_len, self.batch_size = same_tokenizer, template, max_len, batch_size
+        self.same_tokenizer, self.template, self.max_len = same_tokenizer, template, max_len
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str]) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str],
+                 batch_size: int) -> torch.Tensor:
+        """(B,) scores, `batch_size` rows per forward pass."""
         if self.same_tokenizer:
             batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
         else:
             batch = self.retokenize(examples, response_texts, rollout.stopped.tolist())
-        return self.score_batch(batch)
+        return self.score_batch(batch, batch_size)
 
     @torch.no_grad()
-    def score_batch(self, batch: dict) -> torch.Tensor:
-        """(N,) scores of input_ids / attention_mask (N, T), `batch_size` rows per forward pass."""
+    def score_batch(self, batch: dict, batch_size: int) -> torch.Tensor:
+        """(N,) scores of input_ids / attention_mask (N, T), `batch_size` rows per forward pass, each pass cut to the
+        columns its rows attend (padding on either side costs nothing)."""
         device = next(self.model.parameters()).device
         scores = []
         with adapter_disabled(self.model) if self.adapter_disabled else contextlib.nullcontext():
-            for start in range(0, batch["input_ids"].shape[0], self.batch_size):
-                part = slice(start, start + self.batch_size)
-                mask = batch["attention_mask"][part].to(device)
-                values = self.model(batch["input_ids"][part].to(device), mask)
-                scores.append(value_at_last_token(values, mask).cpu())
+            for start in range(0, batch["input_ids"].shape[0], batch_size):
+                part = slice(start, start + batch_size)
+                attended = batch["attention_mask"][part].any(0).nonzero()
+                columns = slice(int(attended.min()), int(attended.max()) + 1)
+                mask = batch["attention_mask"][part, columns].to(device)
+                values = self.model(batch["input_ids"][part, columns].to(device), mask)
+                scores.append(value_at_last_token(values, mask).float().cpu())
         return torch.cat(scores)
 
     def retokenize(self, examples: list[PromptExample], responses: list[str], stopped: list[bool]) -> dict:

@@ -33,14 +33,14 @@ from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load
                             load_trainable_state, read_reward_stats, save_model, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
-from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, pad_responses,
-                                 response_logprobs)
+from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
+                                 pad_responses, response_logprobs)
 from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, load_reward_fn, same_vocabulary,
                                  shape_scores)
 from rlhfkit.sft.train import collate as collate_lm, sft_loss
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
-                                     with_lora)
+from rlhfkit.training.common import (log, make_optimizer, make_scheduler, rows_per_pass, save_final, setup_logging,
+                                     start_run, with_lora)
 from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
                                           rank_share, unwrap, wrap_model)
 from rlhfkit.training.loop import TrainingError
@@ -114,6 +114,9 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     #    the actor samples.
     indices = step_indices(len(data.prompts), config.batch_size, config.seed, iteration)
     mine = rank_share(indices, world)
+    # Rows per forward pass, from the longest layout any rank can have: every rank makes as many passes (FSDP and a
+    # sharded reward model gather parameters in each).
+    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, max(len(prompt_ids[i]) for i in indices) + config.max_new_tokens, device)
     with timer("generate"), autocast(config.dtype, device), gathered(models.actor) as actor:
         rollout = generate(actor, [prompt_ids[i] for i in mine], tokenizer, sampling)
     response_texts = tokenizer.batch_decode(rollout.responses.masked_fill(~rollout.response_mask,
@@ -123,16 +126,16 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     with timer("score"), torch.no_grad(), autocast(config.dtype, device):
         _place(models.frozen, device, config)
         batch_prompts = [data.prompts[i] for i in mine]
-        scores = models.scorer(rollout, batch_prompts, response_texts)
+        scores = models.scorer(rollout, batch_prompts, response_texts, micro)
         monitor = models.monitor(rollout, batch_prompts, response_texts) if models.monitor else None
-    # 3. Log-probs of the sampled tokens (actor and reference, at the sampling temperature) and the critic's values.
+    # 3. Log-probs of the sampled tokens under the reference (the actor's were kept while sampling), at the sampling
+    #    temperature, and the critic's values.
     with timer("experience"), torch.no_grad(), autocast(config.dtype, device):
-        old_logprobs, ref_logprobs, old_values = _experience_forwards(models, rollout, config, device)
+        ref_logprobs, old_values = _experience_forwards(models, rollout, config, device, micro)
         _place(models.frozen, torch.device("cpu"), config)
-    rollout, (old_logprobs, ref_logprobs, old_values), (scores, monitor), response_texts = _whole_batch(
-        world, rollout, [old_logprobs, ref_logprobs, old_values], [scores, monitor], response_texts,
-        tokenizer.pad_token_id)
-    mask = rollout.response_mask
+    rollout, (ref_logprobs, old_values), (scores, monitor), response_texts = _whole_batch(
+        world, rollout, [ref_logprobs, old_values], [scores, monitor], response_texts, tokenizer.pad_token_id)
+    old_logprobs, mask = rollout.logprobs, rollout.response_mask
     # 4. Per-token rewards: the score, normalised, with the missing-EOS rule and clipping, at the last token, and
     #    -beta * KL estimate at every token.
     if config.reward_norm == "running":
@@ -195,21 +198,20 @@ def _whole_batch(world: World, rollout: Rollout, per_token: list[torch.Tensor], 
 
 
 @torch.no_grad()
-def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, device
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Actor log-probs, reference log-probs and critic values, each (B, R), computed micro-batch by micro-batch."""
+def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, device, micro: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs and critic values, each (B, R) with 0 where masked, `micro` rows per forward pass."""
     models.actor.eval()
     models.critic.eval()
-    outputs: tuple[list, list, list] = ([], [], [])
-    p = rollout.prompt_len
-    for rows in chunks(list(range(rollout.input_ids.shape[0])), config.micro):
-        ids, attn = rollout.input_ids[rows].to(device), rollout.attention_mask[rows].to(device)
-        outputs[0].append(response_logprobs(models.actor, ids, attn, p, config.temperature)[0])
+    ref_logprobs, values = torch.zeros(rollout.response_mask.shape), torch.zeros(rollout.response_mask.shape)
+    ref = models.ref if models.ref is not None else models.actor
+    for mb in micro_batches(rollout, list(range(rollout.input_ids.shape[0])), micro):
+        ids, attn, p, r = mb.input_ids.to(device), mb.attention_mask.to(device), mb.prompt_len, mb.response_len
         with adapter_disabled(models.actor) if models.ref is None else contextlib.nullcontext():
-            ref = models.ref if models.ref is not None else models.actor
-            outputs[1].append(response_logprobs(ref, ids, attn, p, config.temperature)[0])
-        outputs[2].append(models.critic(ids, attn)[:, p - 1:-1])  # V(s_t): the state before token t
-    return tuple(torch.cat(o).cpu() for o in outputs)
+            ref_logprobs[mb.rows, :r] = response_logprobs(ref, ids, attn, p, config.temperature)[0].float().cpu()
+        values[mb.rows, :r] = models.critic(ids, attn)[:, p - 1:-1].float().cpu()  # V(s_t): the state before token t
+    mask = rollout.response_mask
+    return ref_logprobs.masked_fill(~mask, 0.0), values.masked_fill(~mask, 0.0)
 
 
 def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfig) -> None:
@@ -229,7 +231,8 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
     train_actor = iteration >= config.critic_warmup_steps
     actor.train()
     critic.train()
-    B, p = exp.rollout.input_ids.shape[0], exp.rollout.prompt_len
+    B = exp.rollout.input_ids.shape[0]
+    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, exp.rollout.input_ids.shape[1], device)  # the whole batch's width: same on all ranks
     # The shuffle is a function of (seed, iteration), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
     n_updates = config.ppo_epochs * (B // config.mini_batch)
@@ -241,20 +244,20 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
         for mini in chunks(order, config.mini_batch):
             mask = exp.response_mask[mini]
             denominator = float(mask.sum()) if config.loss_agg == "token-mean" else float(len(mini))
-            micro_batches = list(chunks(rank_share(mini, world), config.micro))
-            for i, rows in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1  # gradients are reduced over ranks once, after the last backward
-                ids = exp.rollout.input_ids[rows].to(device)
-                attn = exp.rollout.attention_mask[rows].to(device)
-                mb_mask = exp.response_mask[rows].to(device)
+            parts = micro_batches(exp.rollout, rank_share(mini, world), micro)  # this rank's share, in passes
+            for i, mb in enumerate(parts):
+                last = i == len(parts) - 1  # gradients are reduced over ranks once, after the last backward
+                ids, attn, p = mb.input_ids.to(device), mb.attention_mask.to(device), mb.prompt_len
+                mb_mask = mb.take(exp.response_mask).to(device)
                 weight = float(mb_mask.sum()) / float(mask.sum())  # this micro-batch's share of the tokens
                 if train_actor:
                     with gradient_sync(actor, last and not data.ptx), autocast(config.dtype, device):
                         logprobs, entropy = response_logprobs(actor, ids, attn, p, config.temperature,
-                                                              with_entropy=True)
-                        pg, pg_stats = core.policy_loss(logprobs, exp.old_logprobs[rows].to(device),
-                                                        exp.advantages[rows].to(device), mb_mask, config.cliprange,
-                                                        config.dual_clip)
+                                                              with_entropy=True,
+                                                              entropy_grad=config.entropy_coef > 0)
+                        pg, pg_stats = core.policy_loss(logprobs, mb.take(exp.old_logprobs).to(device),
+                                                        mb.take(exp.advantages).to(device), mb_mask,
+                                                        config.cliprange, config.dual_clip)
                         pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator)
                         entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator)
                         # DDP and FSDP average the ranks' gradients: times world.size makes that their sum.
@@ -263,8 +266,8 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                     _add(sums, {k: v.item() * weight for k, v in pg_stats.items()})
                 with gradient_sync(critic, last), autocast(config.dtype, device):
                     values = critic(ids, attn)[:, p - 1:-1]
-                    vf, vf_stats = core.value_loss(values, exp.old_values[rows].to(device),
-                                                   exp.returns[rows].to(device), mb_mask, config.cliprange_value)
+                    vf, vf_stats = core.value_loss(values, mb.take(exp.old_values).to(device),
+                                                   mb.take(exp.returns).to(device), mb_mask, config.cliprange_value)
                     vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
                     (config.vf_coef * vf_loss * world.size).backward()
                 _add(sums, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
@@ -284,8 +287,9 @@ def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, world:
     """Backward of ptx_coef * (token-mean LM loss) on this update step's PTX rows (this rank's share); returns this
     rank's part of that LM loss."""
     size = config.ptx_batch_size or config.mini_batch
-    rows = rank_share([data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)], world)
-    batches = [collate_lm(part, data.pad_id) for part in chunks(rows, config.micro)]
+    step_rows = [data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)]
+    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, max(len(e.input_ids) for e in step_rows), world.device)  # same on every rank
+    batches = [collate_lm(part, data.pad_id) for part in chunks(rank_share(step_rows, world), micro)]
     n_tokens = world.sum([sum(b["num_items"] for b in batches)])[0]
     total = 0.0
     for i, batch in enumerate(batches):
@@ -524,8 +528,7 @@ def _load_models(config: PPOConfig, tokenizer, reward_fn, world: World) -> Model
                                                                                          reward_tokenizer, **kwargs)))
         scorer = RewardModelScorer(reward_model, reward_tokenizer, adapter_disabled=shared, same_tokenizer=same,
                                    template=resolve_template(config.template, reward_tokenizer),
-                                   max_len=config.max_prompt_len + config.max_new_tokens + 8,
-                                   batch_size=config.micro)
+                                   max_len=config.max_prompt_len + config.max_new_tokens + 8)
         stored = read_reward_stats(config.reward)
         if config.reward_norm == "rm-stats" and stored is None:
             raise ConfigError(f"reward_norm: rm-stats, but {config.reward} has no stored score statistics "

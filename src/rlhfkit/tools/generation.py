@@ -64,7 +64,7 @@ def score_responses(reward_model, reward_tokenizer, examples: list[PromptExample
     another tokenizer (a response that was cut off gets no EOS), so these are the scores PPO would have trained on.
     """
     scorer = RewardModelScorer(reward_model, reward_tokenizer, adapter_disabled=False, same_tokenizer=False,
-                               template=template, max_len=max_len, batch_size=batch_size)
+                               template=template, max_len=max_len)
     reward_model.eval()
-    return scorer.score_batch(scorer.retokenize(examples, [r.text for r in responses],
-                                                [r.stopped for r in responses])).tolist()
+    return scorer.score_batch(scorer.retokenize(examples, [r.text for r in responses], [r.stopped for r in responses]),
+                              batch_size).tolist()

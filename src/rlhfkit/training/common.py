@@ -192,6 +192,19 @@ def start_run(config: CommonConfig) -> tuple[Path, Path | None, World]:
     return out, resume_from, world
 
 
+def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, device: torch.device) -> int:
+    """Sequences per forward pass: micro_batch_size when set, else as many rows of `width` padded tokens as fit in
+    micro_batch_tokens (0 = 2048 on CPU, 16384 on GPU), at least one.
+
+    On CPU, passes much larger than the caches are slower per token, not faster: a 30M Llama's forward and backward
+    measured 35% slower in passes of 11k tokens than of 1.4k (tensors of 90 MB are fresh pages each time).
+    """
+    if micro_batch_size:
+        return micro_batch_size
+    budget = micro_batch_tokens or (16384 if torch.device(device).type == "cuda" else 2048)
+    return max(1, budget // max(1, width))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
