@@ -117,8 +117,8 @@ def run_side(side: str, work: Path, out_file: Path, args, python: str | None) ->
         command = [sys.executable, __file__, "--side", "rlhfkit", "--config", args.config] + common
     else:
         command = [python, str(HERE / "trl_side.py"), "--batch", str(cfg["prompts"]), "--new-tokens",
-                   str(cfg["new_tokens"]), "--epochs", str(cfg["epochs"]), "--minibatches", str(cfg["minibatches"])
-                   ] + common
+                   str(cfg["new_tokens"]), "--epochs", str(cfg["epochs"]), "--minibatches", str(cfg["minibatches"]),
+                   "--micro", str(args.trl_micro)] + common
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--trl", action="store_true", help="also run TRL 1.12 (installed into a throwaway venv)")
+    parser.add_argument("--trl-micro", type=int, default=0, help="TRL's training micro-batch (its "
+                        "per_device_train_batch_size); 0 = the whole minibatch, as the issue's set-up")
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
     parser.add_argument("--out", default="runs/bench-ppo-vs-trl")
     parser.add_argument("--side", choices=["rlhfkit"], help=argparse.SUPPRESS)  # internal: one run of one side
@@ -205,6 +207,7 @@ def main() -> None:
     summary = {s: summarise(r) for s, r in results.items()}
     report(args, cfg, facts, summary, rates)
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
+                                                   "trl_micro": args.trl_micro,
                                                    "summary": summary, "matmul_gflops": rates}, indent=2))
 
 
@@ -215,7 +218,9 @@ def report(args, cfg: dict, facts: dict, summary: dict, rates: dict) -> None:
           f"{cfg['epochs']} PPO epoch(s), {cfg['minibatches']} minibatch; {args.dtype}; {args.threads} threads; "
           f"torch {torch.__version__}")
     print("both sides: actor + reference (Llama), reward model + critic (classifier), sampling at temperature 1, "
-          "stop at EOS, KL coef 0.05, whitened advantages, no reward normalisation\n")
+          "stop at EOS, KL coef 0.05, whitened advantages, no reward normalisation; rlhfkit's micro-batches: its "
+          "default (2048 padded tokens per pass); TRL's training micro-batch: "
+          f"{args.trl_micro or cfg['prompts'] // cfg['minibatches']} sequences\n")
     print("| side | s/iteration | generate | forward | train | response tokens/s | peak RSS MB | iterations timed |")
     print("|---|---|---|---|---|---|---|---|")
     for side, m in summary.items():

@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, required=True)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--minibatches", type=int, required=True)
+    parser.add_argument("--micro", type=int, default=0, help="sequences per training forward pass (gradient "
+                                                             "accumulation); 0 = the whole minibatch")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], required=True)
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args()
@@ -74,6 +76,10 @@ def main() -> None:
             phases.update(generate=0.0, forward=0.0, generated=0)
 
     work = args.work
+    # TRL's batch is per_device_train_batch_size x gradient_accumulation_steps, and per_device_train_batch_size is
+    # also its training micro-batch; generation and the no-gradient passes go local_rollout_forward_batch_size rows
+    # at a time (here the whole batch, as rlhfkit generates).
+    micro = args.micro or args.batch // args.minibatches
     tokenizer = AutoTokenizer.from_pretrained(f"{work}/actor", padding_side="left")
     prompts = json.load(open(f"{work}/prompt_ids.json"))
     dataset = datasets.Dataset.from_dict({"input_ids": prompts[: args.batch * args.iterations]})
@@ -83,7 +89,8 @@ def main() -> None:
     value = AutoModelForSequenceClassification.from_pretrained(f"{work}/reward", num_labels=1, dtype=torch.float32)
     config = PPOConfig(
         output_dir=f"{work}/trl-out", report_to="none", save_strategy="no", logging_steps=1, seed=0,
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, num_mini_batches=args.minibatches,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=args.batch // micro,
+        num_mini_batches=args.minibatches,
         local_rollout_forward_batch_size=args.batch, num_ppo_epochs=args.epochs, response_length=args.new_tokens,
         total_episodes=args.batch * args.iterations, stop_token="eos", temperature=1.0, kl_coef=0.05,
         learning_rate=1e-6, num_sample_generations=0, bf16=args.dtype == "bfloat16", use_cpu=True,
