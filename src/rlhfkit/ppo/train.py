@@ -116,7 +116,7 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     mine = rank_share(indices, world)
     # Rows per forward pass, from the longest layout any rank can have: every rank makes as many passes (FSDP and a
     # sharded reward model gather parameters in each).
-    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, max(len(prompt_ids[i]) for i in indices) + config.max_new_tokens, device)
+    micro = _rows_per_pass(config, max(len(prompt_ids[i]) for i in indices) + config.max_new_tokens, device)
     with timer("generate"), autocast(config.dtype, device), gathered(models.actor) as actor:
         rollout = generate(actor, [prompt_ids[i] for i in mine], tokenizer, sampling)
     response_texts = tokenizer.batch_decode(rollout.responses.masked_fill(~rollout.response_mask,
@@ -214,6 +214,10 @@ def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, de
     return ref_logprobs.masked_fill(~mask, 0.0), values.masked_fill(~mask, 0.0)
 
 
+def _rows_per_pass(config: PPOConfig, width: int, device) -> int:
+    return rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, width, device)
+
+
 def _place(frozen: list[torch.nn.Module], device: torch.device, config: PPOConfig) -> None:
     """--offload-frozen on GPU: the frozen models visit the GPU only for scoring and the experience passes."""
     if config.offload_frozen and torch.cuda.is_available():
@@ -232,7 +236,7 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
     actor.train()
     critic.train()
     B = exp.rollout.input_ids.shape[0]
-    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, exp.rollout.input_ids.shape[1], device)  # the whole batch's width: same on all ranks
+    micro = _rows_per_pass(config, exp.rollout.input_ids.shape[1], device)  # the whole batch's width: same everywhere
     # The shuffle is a function of (seed, iteration), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
     n_updates = config.ppo_epochs * (B // config.mini_batch)
@@ -288,7 +292,7 @@ def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, world:
     rank's part of that LM loss."""
     size = config.ptx_batch_size or config.mini_batch
     step_rows = [data.ptx[i] for i in step_indices(len(data.ptx), size, config.seed + 1, update_step)]
-    micro = rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, max(len(e.input_ids) for e in step_rows), world.device)  # same on every rank
+    micro = _rows_per_pass(config, max(len(e.input_ids) for e in step_rows), world.device)  # same on every rank
     batches = [collate_lm(part, data.pad_id) for part in chunks(rank_share(step_rows, world), micro)]
     n_tokens = world.sum([sum(b["num_items"] for b in batches)])[0]
     total = 0.0
