@@ -87,7 +87,7 @@ def test_resolved_config_written_and_readable_back(paths):
     config_file = write_yaml(paths["dir"] / "run.yaml", {"batch_size": 4, "lr": 0.001, "eval_split": 0.25})
     config = parse_config(SFTConfig, ["--config", str(config_file), "--max-steps", "9"] + required(paths),
                           "rlhfkit sft")
-    out, resume_from, _ = start_run(config)
+    out, resume_from, _ = start_run(config, "sft")
     assert resume_from is None
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written == dataclasses.asdict(config)  # every field, resolved

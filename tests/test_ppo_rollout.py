@@ -20,6 +20,7 @@ from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dro
 from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, call_reward_fn, load_reward_fn,
                                  same_vocabulary, shape_scores)
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
+from rlhfkit.training.guards import TrainingError
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -647,21 +648,40 @@ def test_call_reward_fn_passes_columns_by_name():
 
 
 @pytest.mark.parametrize("result, message", [
-    ([1.0], "returned 1 values for 2 responses"),
+    ([1.0], "returned 1 values for 2 responses; expected one number per response"),
     ([1.0, 2.0, 3.0], "returned 3 values for 2 responses"),
-    ([1.0, float("nan")], "non-finite"),
-    ([float("inf"), 0.0], "non-finite"),
-    (["good", "bad"], "expected one float per response"),
-    (None, "returned NoneType, expected one float per response"),
-    ({"a": 1.0}, "returned dict"),
+    (["good", "bad"], "returned list ['good', 'bad']; expected one number per response (2)"),
+    ("0.5", "returned str '0.5'; expected one number per response (2)"),
+    (None, "returned NoneType None; expected one number per response (2)"),
+    ({"a": 1.0}, "returned dict {'a': 1.0}"),
+    (torch.ones(2, 2), "returned Tensor"),
 ])
 def test_call_reward_fn_rejects_bad_returns(result, message):
     def judge(prompts, responses):
         return result
 
     examples = [PromptExample(prompt=[Message("user", "q")], raw=False)] * 2
-    with pytest.raises(ValueError, match=f"reward function .*judge.*{message}"):
-        call_reward_fn(judge, ["p", "p"], ["a", "b"], examples)
+    with pytest.raises(TrainingError) as caught:
+        call_reward_fn(judge, ["p", "p"], ["a", "b"], examples, "--reward-fn r.py:judge")
+    assert str(caught.value).startswith(f"--reward-fn r.py:judge {message}")
+
+
+@pytest.mark.parametrize("result", [[1.0, float("nan")], (float("inf"), 0), torch.tensor([[0.5], [float("nan")]])])
+def test_call_reward_fn_passes_non_finite_scores_on(result):
+    """The iteration is skipped by the caller, which names the rows; the scores must come through as they are."""
+    examples = [PromptExample(prompt=[Message("user", "q")], raw=False)] * 2
+    scores = call_reward_fn(lambda prompts, responses: result, ["p", "p"], ["a", "b"], examples)
+    assert scores.shape == (2,) and int((~torch.isfinite(scores)).sum()) == 1
+
+
+def test_call_reward_fn_names_the_exception():
+    def judge(prompts, responses):
+        return [len(r) / 0 for r in responses]
+
+    examples = [PromptExample(prompt=[Message("user", "q")], raw=False)] * 2
+    with pytest.raises(TrainingError, match=r"^--reward-fn r.py:judge raised ZeroDivisionError: division by zero "
+                                            r"\(called on 2 responses\)$"):
+        call_reward_fn(judge, ["p", "p"], ["a", "b"], examples, "--reward-fn r.py:judge")
 
 
 def test_function_scorer_sees_decoded_prompts(tokenizer):

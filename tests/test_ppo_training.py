@@ -195,7 +195,7 @@ def check_resume(monkeypatch, tmp_path, make) -> None:
     with pytest.raises(Crash):
         run_ppo(make(tmp_path / "cut"))
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002"]
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         run_ppo(make(tmp_path / "cut"))
     calls = crash_at_call(monkeypatch, ppo_train, "ppo_iteration", 0)
     resumed = run_ppo(make(tmp_path / "cut", resume="latest"))

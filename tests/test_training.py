@@ -23,7 +23,8 @@ from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokeni
 from rlhfkit.rm.train import RMConfig, encode_pairs, run_rm, score_pairs
 from rlhfkit.sft.train import SFTConfig, run_sft
 from rlhfkit.training.common import make_optimizer, make_scheduler, rows_per_pass
-from rlhfkit.training.loop import TrainingError, fit, train_step
+from rlhfkit.training.guards import TrainingError
+from rlhfkit.training.loop import fit, train_step
 from rlhfkit.training.metrics import RunLogger
 
 pytestmark = [
@@ -287,7 +288,7 @@ def check_resume(monkeypatch, tmp_path, make, run) -> None:
     assert not (cut / "final").exists()
     assert [r["step"] for r in records(cut, "train")] == [1, 2, 3]
 
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         run(make(cut))  # without resume, an output with checkpoints is refused
 
     calls = crash_at_call(monkeypatch, loop, "train_step", 0)

@@ -180,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:
-        from rlhfkit.training.loop import TrainingError
+        from rlhfkit.training.guards import TrainingError, is_disk_full
 
         if isinstance(exc, TrainingError):
             print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
+            return 1
+        if is_disk_full(exc):  # wherever it struck (logs, TensorBoard, a report), a full disk is not a bug to trace
+            where = getattr(exc, "filename", None)
+            print(f"rlhfkit {command}: error: no space left on device{f' writing {where}' if where else ''}; "
+                  "checkpoints written before are intact", file=sys.stderr)
             return 1
         import os
 

@@ -169,6 +169,8 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         if key not in names:
             raise ConfigError(f"unknown key {key!r}{_closest(key, names)}")
+        if key == "resume" and isinstance(value, bool):  # `resume: true` in YAML means the latest checkpoint
+            value = "latest" if value else ""
         converted[key] = _convert(key, value, hints[key])
     config = cls(**converted)
     for f in dataclasses.fields(cls):

@@ -48,7 +48,8 @@ STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, eval_prompts=240),
 
 def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dict[str, dict]:
     steps = STEPS[size]
-    common = dict(seed=seed, save_every=0, log_every=1)
+    # A demo run rebuilds everything from its seed, so running it again into the same folder replaces the last one.
+    common = dict(seed=seed, save_every=0, log_every=1, overwrite=True)
     return {
         "pretrain": dict(common, model=str(out / "init"), data=[str(data["corpus"])], output=str(out / "pretrain"),
                          loss_on="all", max_steps=steps["pretrain"], batch_size=32, lr=3e-3, warmup_steps=20,

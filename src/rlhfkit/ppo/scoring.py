@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from rlhfkit.data.templates import render
 from rlhfkit.models import TokenValues
 from rlhfkit.ppo.rollout import Rollout, value_at_last_token
 from rlhfkit.training.distributed import adapter_disabled, unwrap
+from rlhfkit.training.guards import TrainingError, describe
 
 
 def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
@@ -51,9 +53,10 @@ def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
     return fn
 
 
-def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examples: list[PromptExample]
-                   ) -> torch.Tensor:
-    """(B,) float32 rewards from `fn(prompts, responses, **columns)`.
+def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examples: list[PromptExample],
+                   name: str = "") -> torch.Tensor:
+    """(B,) float32 rewards from `fn(prompts, responses, **columns)`; NaN and inf are passed on (the caller skips the
+    iteration), anything else wrong is a TrainingError naming the function (`name`) and what it did.
 
     columns are the prompt rows' other fields, one list each (e.g. `answer=[...]` for verifiable rewards); a function
     without **kwargs receives only the columns it names.
@@ -65,31 +68,57 @@ def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examp
     params = inspect.signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         columns = {k: v for k, v in columns.items() if k in params}
-    name = getattr(fn, "__qualname__", repr(fn))
-    result = fn(prompts, responses, **columns)
+    name = name or getattr(fn, "__qualname__", repr(fn))
     try:
-        rewards = torch.as_tensor(result, dtype=torch.float32).flatten()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"reward function {name} returned {type(result).__name__}, expected one float per "
-                         f"response") from exc
+        result = fn(prompts, responses, **columns)
+    except Exception as exc:  # the user's code: its own error, in one line, is what helps
+        raise TrainingError(f"{name} raised {describe(exc)} (called on {len(responses)} responses)") from None
+    rewards = _as_scores(result)
+    if rewards is None:
+        raise TrainingError(f"{name} returned {_summary(result)}; expected one number per response "
+                            f"({len(responses)})")
     if rewards.numel() != len(responses):
-        raise ValueError(f"reward function {name} returned {rewards.numel()} values for {len(responses)} responses")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"reward function {name} returned a non-finite value: {rewards.tolist()}")
+        raise TrainingError(f"{name} returned {rewards.numel()} values for {len(responses)} responses; expected "
+                            "one number per response")
     return rewards
 
 
-class FunctionScorer:
-    """Scores from a Python function of the texts: the decoded prompts (as the actor saw them) and responses."""
+def _as_scores(result: Any) -> torch.Tensor | None:
+    """A flat float32 tensor from a list or tuple of numbers, a 1-D (or (B, 1)) tensor or array; None otherwise."""
+    if isinstance(result, (list, tuple)):
+        if not all(isinstance(x, numbers.Real) or (torch.is_tensor(x) and x.numel() == 1) for x in result):
+            return None
+        return torch.tensor([float(x) for x in result], dtype=torch.float32)
+    if torch.is_tensor(result) or type(result).__module__ == "numpy":
+        try:
+            values = torch.as_tensor(result)
+        except (TypeError, ValueError, RuntimeError):  # an array of strings or objects
+            return None
+        if values.dtype.is_complex or values.ndim > 2 or (values.ndim == 2 and values.shape[1] != 1):
+            return None
+        return values.to(torch.float32).flatten()
+    return None
 
-    def __init__(self, fn: Callable, tokenizer):
+
+def _summary(value: Any) -> str:
+    """What a function returned, for a message: its type and a short repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+class FunctionScorer:
+    """Scores from a Python function of the texts: the decoded prompts (as the actor saw them) and responses. `name`
+    (e.g. "--reward-fn rewards.py:score") is how messages name it."""
+
+    def __init__(self, fn: Callable, tokenizer, name: str = ""):
         self.fn, self.tokenizer = fn, tokenizer
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
 
     def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str],
                  batch_size: int = 0) -> torch.Tensor:
         """(B,) scores; `batch_size` is not used (the function sees the whole batch)."""
         prompts = self.tokenizer.batch_decode(rollout.input_ids[:, :rollout.prompt_len], skip_special_tokens=True)
-        return call_reward_fn(self.fn, prompts, response_texts, examples)
+        return call_reward_fn(self.fn, prompts, response_texts, examples, self.name)
 
 
 class RewardModelScorer:
@@ -99,6 +128,8 @@ class RewardModelScorer:
 
     `model` is the classifier or its `TokenValues` (as PPO holds it: wrapped by DDP or sharded by FSDP, when it is
     the LoRA critic whose disabled adapter gives the reward model)."""
+
+    name = "the reward model"
 
     def __init__(self, model, tokenizer, *, adapter_disabled: bool, same_tokenizer: bool, template: str,
                  max_len: int):

@@ -30,7 +30,7 @@ from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
-                            load_trainable_state, read_reward_stats, save_model, trainable_state)
+                            load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
@@ -39,11 +39,12 @@ from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMomen
                                  shape_scores)
 from rlhfkit.sft.train import collate as collate_lm, sft_loss
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.training.common import (log, make_optimizer, make_scheduler, rows_per_pass, save_final, setup_logging,
-                                     start_run, with_lora)
+from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler, rows_per_pass, run_state,
+                                     save_final, set_peak_lr, set_weight_decay, setup_logging, start_run, with_lora,
+                                     write_model)
 from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
                                           rank_share, unwrap, wrap_model)
-from rlhfkit.training.loop import TrainingError
+from rlhfkit.training.guards import TrainingError, check_finite, check_trained, step_schedule
 from rlhfkit.training.metrics import RunLogger
 
 
@@ -123,11 +124,18 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
                                                                           tokenizer.pad_token_id),
                                             skip_special_tokens=True)
     # 2. Scoring: reward model or function.
+    #    A function that raises or returns the wrong thing stops the run on every rank.
     with timer("score"), torch.no_grad(), autocast(config.dtype, device):
         _place(models.frozen, device, config)
         batch_prompts = [data.prompts[i] for i in mine]
-        scores = models.scorer(rollout, batch_prompts, response_texts, micro)
-        monitor = models.monitor(rollout, batch_prompts, response_texts) if models.monitor else None
+        failure = None
+        try:
+            scores = models.scorer(rollout, batch_prompts, response_texts, micro)
+            monitor = models.monitor(rollout, batch_prompts, response_texts) if models.monitor else None
+        except TrainingError as exc:
+            failure = exc
+        if world.sum([float(failure is not None)])[0]:
+            raise failure or TrainingError("the reward function failed on another rank")
     # 3. Log-probs of the sampled tokens under the reference (the actor's were kept while sampling), at the sampling
     #    temperature, and the critic's values.
     with timer("experience"), torch.no_grad(), autocast(config.dtype, device):
@@ -136,6 +144,8 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     rollout, (ref_logprobs, old_values), (scores, monitor), response_texts = _whole_batch(
         world, rollout, [ref_logprobs, old_values], [scores, monitor], response_texts, tokenizer.pad_token_id)
     old_logprobs, mask = rollout.logprobs, rollout.response_mask
+    _skip_nonfinite_scores(iteration, [(models.scorer.name, scores)] + (
+        [(models.monitor.name, monitor)] if monitor is not None else []), response_texts)
     # 4. Per-token rewards: the score, normalised, with the missing-EOS rule and clipping, at the last token, and
     #    -beta * KL estimate at every token.
     if config.reward_norm == "running":
@@ -214,6 +224,22 @@ def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, de
     return ref_logprobs.masked_fill(~mask, 0.0), values.masked_fill(~mask, 0.0)
 
 
+class SkippedIteration(Exception):
+    """This iteration's experience cannot be trained on (a non-finite score): the run goes on with the next, and
+    counts it with the other bad steps."""
+
+
+def _skip_nonfinite_scores(iteration: int, named_scores: list[tuple[str, torch.Tensor]], texts: list[str]) -> None:
+    """Raise SkippedIteration naming the scorer and the batch rows whose score is NaN or inf."""
+    for name, values in named_scores:
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(f"row {i} ({values[i].item()}, response {texts[i][:40]!r})" for i in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise SkippedIteration(f"iteration {iteration + 1} skipped: {name} returned a non-finite score for "
+                                   f"{len(bad)} of {len(values)} responses: {shown}{more}")
+
+
 def _rows_per_pass(config: PPOConfig, width: int, device) -> int:
     return rows_per_pass(config.micro_batch_size, config.micro_batch_tokens, width, device)
 
@@ -279,6 +305,9 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                 actor_step = (iteration - config.critic_warmup_steps) * n_updates + update  # picks the PTX rows
                 _add(sums, {"ptx_loss": _ptx_backward(actor, data, actor_step, config, world)})
             stepped = _optimizer_steps(models, config, state, train_actor, steps)
+            if stepped:
+                check_finite({"critic": critic, **({"actor": actor} if train_actor else {})},
+                             f"after an optimizer step of iteration {iteration + 1}", world)
             if stepped and train_actor and state.ema is not None:
                 state.ema.update(unwrap(actor))
             update += 1
@@ -318,7 +347,7 @@ def _optimizer_steps(models: Models, config: PPOConfig, state: TrainState, train
     for name, model in trained:
         if finite:
             state.optimizers[name].step()
-        state.schedulers[name].step()
+        step_schedule(state.schedulers[name])
         state.optimizers[name].zero_grad(set_to_none=True)
         _add(stats, {f"{name}_grad_norm": norms[name], f"{name}_lr": state.schedulers[name].get_last_lr()[0]})
     _add(stats, {"skipped": float(not finite)})
@@ -367,7 +396,7 @@ def run_ppo(config: PPOConfig) -> Path:
     setup_logging()
     reward_fn = load_reward_fn(config.reward_fn) if config.reward_fn else None  # a broken function fails first
     monitor_fn = load_reward_fn(config.monitor_fn, "monitor_fn") if config.monitor_fn else None
-    out, resume_from, world = start_run(config)
+    out, resume, world = start_run(config, "ppo")
     for field, size in (("mini_batch_size", config.mini_batch),
                         ("ptx_batch_size", (config.ptx_batch_size or config.mini_batch) if config.use_ptx else 0)):
         if size % world.size:
@@ -386,32 +415,38 @@ def run_ppo(config: PPOConfig) -> Path:
     data = Data(prompts, prompt_ids, ptx, tokenizer.pad_token_id)
 
     models = _load_models(config, tokenizer, reward_fn, world)
-    models.monitor = FunctionScorer(monitor_fn, tokenizer) if monitor_fn else None
+    models.monitor = FunctionScorer(monitor_fn, tokenizer, f"--monitor-fn {config.monitor_fn}") if monitor_fn else None
     if world.rank > 0:  # same initialisation everywhere, but each rank samples its responses from a stream of its own
         torch.manual_seed(config.seed + 1_000_003 * world.rank)
     iterations = config.max_steps or max(1, math.ceil(config.epochs * len(prompts) / config.batch_size))
     state = _train_state(config, models, iterations)
-    start = _resume(resume_from, models, state, world) if resume_from is not None else 0
+    start = _resume(resume, models, state, config, world) if resume is not None else 0
 
     logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project,
                        enabled=world.main)
     bad_in_a_row = 0
     try:
         for iteration in range(start, iterations):
-            metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, world)
+            try:
+                metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, world)
+            except SkippedIteration as skipped:
+                metrics, samples = {"skipped": 1.0}, []
+                logger.write(f"warning: {skipped}")
             done = iteration + 1
             bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
             if bad_in_a_row >= config.max_bad_steps:
-                raise TrainingError(f"{bad_in_a_row} iterations in a row with non-finite gradients at iteration "
-                                    f"{done}: lower the learning rates, check the reward, or use float32")
+                raise TrainingError(f"{bad_in_a_row} iterations in a row skipped (non-finite gradients or scores) at "
+                                    f"iteration {done}: lower the learning rates, check the reward, or use float32")
             if done % config.log_every == 0 or done == iterations:
                 logger.log(done, "train", metrics)
-            logger.progress(done, {"score": metrics["score"], "kl": metrics["kl"], "len": metrics["response_length"]})
-            if (world.main and config.sample_every and config.num_samples
+            logger.progress(done, {k: metrics.get(key, float("nan")) for k, key in
+                                   (("score", "score"), ("kl", "kl"), ("len", "response_length"))})
+            if (world.main and config.sample_every and config.num_samples and samples
                     and (done % config.sample_every == 0 or done == iterations)):
                 _write_samples(out, samples, logger)
             if config.save_every and done % config.save_every == 0:
-                _save(out, done, models, state, config.keep_last, world)
+                _save(out, done, models, state, config, world)
+        check_trained(bad_in_a_row, iterations - start, "iteration")
     finally:
         logger.close()
 
@@ -426,11 +461,11 @@ def run_ppo(config: PPOConfig) -> Path:
     save_final(models.critic, tokenizer, out / "final_critic", world, fresh_critic, merge_lora=config.lora_merge)
     if state.ema is not None:
         shadow = {name: full_tensor(value) for name, value in state.ema.shadow.items()}  # collective under FSDP
+        averaged = None
         if world.main:
             averaged = fresh_actor() if world.strategy == "fsdp" else copy.deepcopy(unwrap(models.actor))
             load_trainable_state(averaged, shadow)
-            save_model(averaged, tokenizer, out / "final_ema", merge_lora=config.lora_merge)
-        world.barrier()
+        write_model(averaged, tokenizer, out / "final_ema", world, merge_lora=config.lora_merge)
     log.info(f"final actor: {final}; critic: {out / 'final_critic'}")
     return final
 
@@ -450,22 +485,28 @@ def _train_state(config: PPOConfig, models: Models, iterations: int) -> TrainSta
                                                                         config.kl_horizon), RunningMoments(), ema)
 
 
-def _save(out: Path, step: int, models: Models, state: TrainState, keep_last: int, world: World) -> None:
+def _save(out: Path, step: int, models: Models, state: TrainState, config: PPOConfig, world: World) -> None:
     trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
     save_checkpoint(out, step, models=trained, schedulers=state.schedulers,
                     extra={"actor_ema": state.ema.shadow} if state.ema is not None else None,
-                    state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)}, keep_last=keep_last,
-                    world=world)
+                    state={"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments),
+                           **run_state(config, "ppo")}, keep_last=config.keep_last, world=world)
 
 
-def _resume(checkpoint: Path, models: Models, state: TrainState, world: World) -> int:
-    """Load everything `_save` wrote (and the RNG states) into place; return the iteration to start from."""
+def _resume(resume: Resume, models: Models, state: TrainState, config: PPOConfig, world: World) -> int:
+    """Load everything `_save` wrote (and the RNG states) into place, then the values --resume-allow changed; return
+    the iteration to start from."""
     trained = {name: (getattr(models, name), state.optimizers[name]) for name in ("actor", "critic")}
-    saved = load_checkpoint(checkpoint, models=trained, schedulers=state.schedulers, world=world,
+    saved = load_checkpoint(resume.path, models=trained, schedulers=state.schedulers, world=world,
                             extra={"actor_ema": state.ema.shadow} if state.ema is not None else None)
-    state.kl_ctl.value = saved["kl_coef"]
+    state.kl_ctl.value = config.kl_coef if "kl_coef" in resume.changed else saved["kl_coef"]
     state.moments = RunningMoments(**saved["reward_moments"])
-    log.info(f"resumed from {checkpoint} at iteration {saved['step']}")
+    for name, field in (("actor", "lr"), ("critic", "critic_lr")):
+        if field in resume.changed:
+            set_peak_lr(state.schedulers[name], getattr(config, field))
+        if "weight_decay" in resume.changed:
+            set_weight_decay(state.optimizers[name], config.weight_decay)
+    log.info(f"resumed from {resume.path} at iteration {saved['step']}")
     return int(saved["step"])
 
 
@@ -523,7 +564,7 @@ def _load_models(config: PPOConfig, tokenizer, reward_fn, world: World) -> Model
         ref = frozen(load_causal_lm(config.ref or config.actor, tokenizer, **kwargs))
     reward_stats = None
     if reward_fn is not None:
-        scorer = FunctionScorer(reward_fn, tokenizer)
+        scorer = FunctionScorer(reward_fn, tokenizer, f"--reward-fn {config.reward_fn}")
     else:
         # With a LoRA critic started from the reward model, the reward model is that critic with its adapter
         # disabled: one copy of the weights.

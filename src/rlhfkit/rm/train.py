@@ -96,7 +96,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
 def run_rm(config: RMConfig) -> Path:
     """Train and write OUTPUT/final (Hugging Face format, with the score mean and std for PPO)."""
     setup_logging()
-    out, resume_from, world = start_run(config)
+    out, resume, world = start_run(config, "rm")
 
     train_rows, eval_rows = load_train_eval(config, "preference", out)
     tokenizer = load_tokenizer(config.model)
@@ -112,7 +112,7 @@ def run_rm(config: RMConfig) -> Path:
                                      gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "SEQ_CLS")
     model = wrap_model(model, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
-    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from, world)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume, world)
     pad = tokenizer.pad_token_id
 
     def step_batches(step: int) -> list[dict]:
@@ -131,8 +131,9 @@ def run_rm(config: RMConfig) -> Path:
         fit(model, loss_fn=rm_loss_fn(config.loss), step_batches=step_batches, optimizer=optimizer,
             scheduler=scheduler, start_step=start, max_steps=steps, max_grad_norm=config.max_grad_norm,
             dtype=config.dtype, logger=logger, eval_fn=eval_fn, eval_every=config.eval_every,
-            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last, world),
-            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world)
+            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config, "rm", world),
+            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world,
+            stage="rm")
     finally:
         logger.close()
 

@@ -73,7 +73,7 @@ def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, dtype
 def run_sft(config: SFTConfig) -> Path:
     """Train and write OUTPUT/final (Hugging Face format); returns that folder."""
     setup_logging()
-    out, resume_from, world = start_run(config)
+    out, resume, world = start_run(config, "sft")
 
     # Data first, so that bad rows stop the run before any model is loaded.
     train_rows, eval_rows = load_train_eval(config, "sft", out)
@@ -92,7 +92,7 @@ def run_sft(config: SFTConfig) -> Path:
                            gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
     model = with_lora(model, config, "CAUSAL_LM")
     model = wrap_model(model, world, dtype=config.dtype, cpu_offload=config.fsdp_cpu_offload)
-    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume_from, world)
+    optimizer, scheduler, steps, start = optimization(model, config, len(train_set), resume, world)
 
     def step_batches(step: int) -> list[dict]:
         indices = rank_share(step_indices(len(train_set), config.batch_size, config.seed, step), world)
@@ -107,8 +107,9 @@ def run_sft(config: SFTConfig) -> Path:
         fit(model, loss_fn=sft_loss, step_batches=step_batches, optimizer=optimizer, scheduler=scheduler,
             start_step=start, max_steps=steps, max_grad_norm=config.max_grad_norm, dtype=config.dtype,
             logger=logger, eval_fn=eval_fn, eval_every=config.eval_every,
-            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config.keep_last, world),
-            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world)
+            save_fn=checkpoint_saver(out, model, optimizer, scheduler, config, "sft", world),
+            save_every=config.save_every, log_every=config.log_every, max_bad_steps=config.max_bad_steps, world=world,
+            stage="sft")
     finally:
         logger.close()
 

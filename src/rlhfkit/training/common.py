@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import shutil
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import ConfigError, option, require, write_config
+from rlhfkit.config import ConfigError, option, require, to_dict, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
-from rlhfkit.training.checkpoint import latest_checkpoint
+from rlhfkit.training.checkpoint import checkpoint_problem, latest_checkpoint, previous_intact, read_state
 from rlhfkit.training.distributed import World, init_world, unwrap
+from rlhfkit.training.guards import check_finite
 
 log = logging.getLogger("rlhfkit")
 
@@ -43,8 +47,9 @@ class CommonConfig:
     lora_merge: bool = option(True, "merge the adapter into the base when saving the final model (false: save "
                                     "the adapter alone)", group="lora")
     # data
-    skip_invalid: bool = option(False, "skip bad rows (counted, written to OUTPUT/skipped_rows.jsonl) instead "
-                                       "of stopping", group="data")
+    skip_invalid: bool = option(False, "skip bad rows (counted, written to OUTPUT/skipped_rows.jsonl; PPO: "
+                                       "skipped_prompt_rows.jsonl and skipped_text_rows.jsonl) instead of stopping",
+                                group="data")
     # training
     output: str = option("", "output folder: checkpoints, metrics, final model", group="training")
     max_steps: int = option(0, "optimizer steps; 0 = as many as `epochs` needs", group="training")
@@ -62,7 +67,12 @@ class CommonConfig:
     save_every: int = option(100, "write a checkpoint every N steps (0 = never)", group="training")
     keep_last: int = option(2, "checkpoints kept on disk", group="training")
     resume: str = option("", "continue from a checkpoint: bare --resume = the latest in OUTPUT, or a "
-                             "checkpoint folder", group="training")
+                             "checkpoint folder; its checksums are verified and the settings compared", group="training")
+    resume_allow: list[str] = option([], "on --resume, settings that may differ from the checkpoint's run, e.g. "
+                                         "lr,kl_coef: the new values are used from the resume on (logging, saving "
+                                         "and run-length fields may always change)", group="training")
+    overwrite: bool = option(False, "start afresh in an output folder that holds a previous run (its checkpoints, "
+                                    "metrics and final models are deleted first)", group="training")
     max_bad_steps: int = option(5, "stop after this many non-finite losses in a row (each is skipped)",
                                 group="training")
     log_every: int = option(1, "log metrics every N steps", group="training")
@@ -101,6 +111,10 @@ class CommonConfig:
                 f"nproc: {self.nproc} processes need --strategy ddp or fsdp")
         require(self.dist_timeout_s > 0, f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
         require(self.strategy == "fsdp" or not self.fsdp_cpu_offload, "fsdp_cpu_offload: needs --strategy fsdp")
+        fields = {f.name for f in dataclasses.fields(self)}
+        for name in self.resume_allow:
+            require(name in fields, f"resume_allow: {name!r} is not a setting of this stage")
+        require(not (self.resume and self.overwrite), "overwrite: cannot be combined with --resume")
 
     @property
     def micro(self) -> int:
@@ -167,29 +181,128 @@ def setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def start_run(config: CommonConfig) -> tuple[Path, Path | None, World]:
-    """Join the other ranks (if any), create the output folder, write the resolved config, seed everything; return
-    (output, checkpoint to resume, this process's World)."""
+@dataclass(frozen=True)
+class Resume:
+    """Where a run continues from, and the fields it was allowed to change there (their new values are applied to the
+    restored optimizer and run state)."""
+    path: Path
+    step: int
+    changed: frozenset[str] = frozenset()
+
+
+# Fields that change only logging, saving, the run's length or how the work is laid out over processes and passes:
+# free to differ on --resume. Any other difference changes the run and must be asked for with --resume-allow.
+FREE_ON_RESUME = frozenset({
+    "output", "resume", "resume_allow", "overwrite", "log_every", "save_every", "keep_last", "max_steps", "epochs",
+    "eval_every", "sample_every", "num_samples", "wandb_project", "strategy", "nproc", "fsdp_cpu_offload",
+    "dist_timeout_s", "shard_frozen", "offload_frozen", "micro_batch_size", "micro_batch_tokens"})
+# What a previous run leaves in its output folder; --overwrite deletes exactly these.
+RUN_FILES = ("checkpoints", "final", "final_critic", "final_ema", "metrics.jsonl", "samples.jsonl", "tensorboard",
+             "skipped_rows.jsonl", "skipped_prompt_rows.jsonl", "skipped_text_rows.jsonl")
+
+
+def start_run(config: CommonConfig, stage: str) -> tuple[Path, Resume | None, World]:
+    """Join the other ranks (if any), check the output folder and the checkpoint to resume from, write the resolved
+    config, seed everything; return (output, where to resume or None, this process's World)."""
     world = init_world(config.strategy, config.dist_timeout_s)
     if config.batch_size % world.size:
         raise ConfigError(f"batch_size: the global batch of {config.batch_size} must split evenly over the "
                           f"{world.size} ranks")
     out = Path(config.output)
-    resume_from = None
-    if config.resume:
-        resume_from = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
-        if resume_from is None:
-            log.info(f"--resume: no checkpoint in {out}/checkpoints yet, starting from the beginning")
-        elif not resume_from.is_dir():
-            raise ConfigError(f"resume: {resume_from} is not a checkpoint folder")
-    elif latest_checkpoint(out) is not None:
-        raise ConfigError(f"output: {out} already holds checkpoints; pass --resume to continue that run, "
-                          "or choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
+    resume = _find_resume(config, stage, out, world) if config.resume else None
+    if resume is None:
+        previous = [name for name in RUN_FILES if (out / name).exists()]
+        if previous and not config.overwrite:
+            raise ConfigError(f"output: {out} already holds a run ({', '.join(previous)}); pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another --output")
+        if previous and world.main:
+            for name in previous:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        world.barrier()
     if world.main:
+        _writable(out)
         write_config(config, out / "config.yaml")
+    world.barrier()
     seed_everything(config.seed)
-    return out, resume_from, world
+    return out, resume, world
+
+
+def _writable(out: Path) -> None:
+    """Create the output folder and prove a file can be written there (root ignores permission bits, so only a write
+    tells a read-only mount apart)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".rlhfkit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output: cannot write into {out} ({exc.strerror or exc})") from None
+
+
+def _find_resume(config: CommonConfig, stage: str, out: Path, world: World) -> Resume | None:
+    """The checkpoint to continue from: its checksums verified on rank 0 (every rank reads the same files), its stage
+    and settings compared on every rank."""
+    path = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
+    if path is None:
+        log.info(f"--resume: no checkpoint in {out}/checkpoints yet, starting from the beginning")
+        return None
+    problem = checkpoint_problem(path) if world.main else None
+    if world.sum([float(problem is not None)])[0]:
+        raise ConfigError(f"resume: {problem}; {previous_intact(path)}" if problem else
+                          f"resume: rank 0 found {path} damaged")
+    state = read_state(path)
+    return Resume(path, int(state["step"]), _resume_changes(config, stage, state, path, quiet=not world.main))
+
+
+def _resume_changes(config: CommonConfig, stage: str, state: dict, path: Path, quiet: bool = False
+                    ) -> frozenset[str]:
+    """The fields whose value differs from the checkpoint's run and that --resume-allow names; any other difference
+    (beyond FREE_ON_RESUME) is a ConfigError listing each field with both values."""
+    saved_stage = state.get("stage")
+    if saved_stage is not None and saved_stage != stage:
+        raise ConfigError(f"resume: {path} is a checkpoint of `rlhfkit {saved_stage}`, not of `rlhfkit {stage}`")
+    saved = state.get("config")
+    if saved is None:  # written before checkpoints recorded their settings
+        if not quiet:
+            log.warning(f"{path} does not record its run's settings; they cannot be compared with this run's")
+        return frozenset()
+    current = to_dict(config)
+    changed = {k: (saved.get(k), v) for k, v in current.items() if k not in FREE_ON_RESUME and saved.get(k) != v}
+    refused = {k: pair for k, pair in changed.items() if k not in config.resume_allow}
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"resume: these settings differ from the run in {path}: {listed}. Resume with the "
+                          f"checkpoint's values, or pass --resume-allow {','.join(refused)} to use the new ones "
+                          f"from step {state['step']} on")
+    for k, (old, new) in changed.items():
+        if not quiet:
+            log.warning(f"--resume-allow: {k} is {new!r} from step {state['step']} on (the checkpoint's run used "
+                        f"{old!r})")
+    return frozenset(changed)
+
+
+def run_state(config: CommonConfig, stage: str) -> dict:
+    """What every checkpoint records about its run, so that a resume can check it continues the same one."""
+    return {"stage": stage, "config": to_dict(config)}
+
+
+def set_peak_lr(scheduler, lr: float) -> None:
+    """Give a restored schedule (a LambdaLR, as transformers' are) a new peak learning rate from its current step on;
+    the optimizer's current rate becomes what the schedule would have set."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def set_weight_decay(optimizer, weight_decay: float) -> None:
+    """The new decay for the decayed group that make_optimizer builds (biases and norms stay undecayed)."""
+    for group in optimizer.param_groups:
+        if group["weight_decay"] != 0.0 or any(p.ndim >= 2 for p in group["params"]):
+            group["weight_decay"] = weight_decay
 
 
 def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, device: torch.device) -> int:
@@ -271,30 +384,35 @@ def with_lora(model, config: CommonConfig, task: str):
                     target_modules=config.lora_target_modules, task=task)
 
 
-def optimization(model, config: CommonConfig, n_train: int, resume_from: Path | None, world: World):
-    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume_from` when given.
-    Under FSDP, `model` must already be sharded: the optimizer holds the shards."""
+def optimization(model, config: CommonConfig, n_train: int, resume: Resume | None, world: World):
+    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume` when given, with the
+    learning rate and weight decay that --resume-allow changed. Under FSDP, `model` must already be sharded: the
+    optimizer holds the shards."""
     steps = total_steps(config, n_train)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
     start = 0
-    if resume_from is not None:
+    if resume is not None:
         from rlhfkit.training.checkpoint import load_checkpoint
 
-        state = load_checkpoint(resume_from, models={"model": (model, optimizer)},
+        state = load_checkpoint(resume.path, models={"model": (model, optimizer)},
                                 schedulers={"model": scheduler}, world=world)
+        if "lr" in resume.changed:
+            set_peak_lr(scheduler, config.lr)
+        if "weight_decay" in resume.changed:
+            set_weight_decay(optimizer, config.weight_decay)
         start = int(state["step"])
-        log.info(f"resumed from {resume_from} at step {start}")
+        log.info(f"resumed from {resume.path} at step {start}")
     return optimizer, scheduler, steps, start
 
 
-def checkpoint_saver(out: Path, model, optimizer, scheduler, keep_last: int, world: World):
+def checkpoint_saver(out: Path, model, optimizer, scheduler, config: CommonConfig, stage: str, world: World):
     """save(step): an atomic checkpoint of everything needed to continue exactly from `step` (all ranks call it)."""
     from rlhfkit.training.checkpoint import save_checkpoint
 
     def save(step: int) -> Path:
         return save_checkpoint(out, step, models={"model": (model, optimizer)}, schedulers={"model": scheduler},
-                               state={}, keep_last=keep_last, world=world)
+                               state=run_state(config, stage), keep_last=config.keep_last, world=world)
 
     return save
 
@@ -304,9 +422,8 @@ def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, mer
     """Write the trained model once, in Hugging Face format, from rank 0 (all ranks call this).
 
     Under FSDP the ranks first gather the full weights; rank 0 loads them into `fresh_model()`, an unsharded model of
-    the same shape, and writes that."""
-    from rlhfkit.models import save_model
-
+    the same shape, and writes that. A non-finite model is never written."""
+    check_finite({folder.name: model}, "at the end of training", world)
     if world.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -314,7 +431,20 @@ def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, mer
         if world.main:
             model = fresh_model()
             model.load_state_dict(full)
-    if world.main:
-        save_model(unwrap(model), tokenizer, folder, merge_lora=merge_lora, reward_stats=reward_stats)
-    world.barrier()
+    return write_model(unwrap(model), tokenizer, folder, world, merge_lora=merge_lora, reward_stats=reward_stats)
+
+
+def write_model(model, tokenizer, folder: Path, world: World, **kwargs) -> Path:
+    """Rank 0 writes `model` (save_model's keyword arguments) into a temporary folder renamed to `folder` when
+    complete, so a failed write (a full disk) leaves no half model; every rank raises the same TrainingError then."""
+    from rlhfkit.models import save_model
+    from rlhfkit.training.checkpoint import writing
+
+    tmp = folder.parent / f".tmp-{folder.name}"
+    with writing(f"the final model to {folder}", folder.parent, tmp, world):
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(model, tokenizer, tmp, **kwargs)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
     return folder

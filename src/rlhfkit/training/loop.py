@@ -3,7 +3,8 @@
 One step: take the step's micro-batches (this rank's share of them), accumulate gradients of loss_sum / items_in_step
 (items of the global batch, so accumulation and ranks equal one big batch), clip, step the optimizer and schedule, log; evaluate and checkpoint on their schedules. A
 non-finite loss or gradient skips the step (data is still consumed, so resume stays exact) and several in a row stop
-the run.
+the run, and so does a run that skipped every step. The weights are checked after every optimizer step: a non-finite
+model is never evaluated, checkpointed or saved.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import torch
 
 from rlhfkit.models import autocast
 from rlhfkit.training.distributed import World, full_tensor, gradient_sync
+from rlhfkit.training.guards import TrainingError, check_finite, check_trained, step_schedule
 from rlhfkit.training.metrics import RunLogger
 
 MicroBatch = dict[str, Any]  # tensors (B, T) plus "num_items": how many loss items (tokens or pairs) it holds
 LossFn = Callable[[torch.nn.Module, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example, too many non-finite losses in a row)."""
 
 
 @dataclass
@@ -75,7 +73,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn:
     if finite:
         optimizer.step()
     lr = scheduler.get_last_lr()[0]
-    scheduler.step()  # the schedule follows the step count, skipped steps included
+    step_schedule(scheduler)  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=total_loss / n_items if finite else float("nan"), grad_norm=grad_norm, lr=lr,
                      seconds=time.perf_counter() - start, sequences=int(sequences), tokens=int(tokens),
@@ -86,9 +84,9 @@ def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int]
         optimizer: torch.optim.Optimizer, scheduler, start_step: int, max_steps: int, max_grad_norm: float,
         dtype: str, logger: RunLogger, eval_fn: Callable[[], dict[str, float]] | None, eval_every: int,
         save_fn: Callable[[int], Any] | None, save_every: int, log_every: int = 1, max_bad_steps: int = 5,
-        world: World = World()) -> dict[str, float]:
+        world: World = World(), stage: str = "model") -> dict[str, float]:
     """Train from `start_step` to `max_steps`; returns the last evaluation's metrics. Every rank runs this; the logger
-    of ranks other than 0 is silent, and evaluation and saving are collective."""
+    of ranks other than 0 is silent, and evaluation and saving are collective. `stage` names the model in errors."""
     bad_in_a_row = 0
     last_eval: dict[str, float] = {}
     for step in range(start_step, max_steps):
@@ -96,6 +94,8 @@ def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int]
         stats = train_step(model, step_batches(step), loss_fn, optimizer, scheduler,
                            max_grad_norm=max_grad_norm, dtype=dtype, world=world)
         done = step + 1
+        if not stats.skipped:
+            check_finite({stage: model}, f"after the optimizer step of step {done}", world)
         if stats.skipped:
             bad_in_a_row += 1
             logger.write(f"warning: step {done}: non-finite loss or gradient, step skipped "
@@ -114,6 +114,7 @@ def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int]
             logger.write(f"step {done} eval: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
         if save_fn is not None and save_every and done % save_every == 0:
             save_fn(done)
+    check_trained(bad_in_a_row, max_steps - start_step)
     if eval_fn is not None and start_step >= max_steps:
         last_eval = eval_fn()
     return last_eval

@@ -22,7 +22,8 @@ class RunLogger:
         if not enabled:
             return
         self.path = Path(out) / "metrics.jsonl"
-        self._drop_records_after(start_step)
+        for records in (self.path, Path(out) / "samples.jsonl"):
+            drop_records_after(records, start_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -37,14 +38,6 @@ class RunLogger:
                 raise RuntimeError("wandb_project is set but the wandb package is not installed") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(out), resume="allow")
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, mininterval=0.5)
-
-    def _drop_records_after(self, step: int) -> None:
-        """On resume, forget what a crashed run logged past its last checkpoint (it will be logged again)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -79,6 +72,22 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """On resume, forget what a crashed run logged past its last checkpoint (it will be logged again), and a last
+    line the crash cut short."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:
