@@ -17,6 +17,7 @@ from conftest import color_preference_rows, color_sft_rows, write_jsonl
 from safetensors.torch import load_file
 
 import rlhfkit.training.checkpoint as checkpoint
+from rlhfkit.training.distributed import World
 from rlhfkit.cli import main
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -403,16 +404,23 @@ def test_a_final_save_that_fills_the_disk(tiny_models, work, tmp_path, monkeypat
     assert not (out / "final").exists() and not (out / ".tmp-final").exists()
 
 
+def mounted(folder: Path, options: str):
+    """A tmpfs at `folder` (root only; the test is skipped where mounting is not allowed)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1.4 MB tmpfs (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True
-                      ).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from mounted(tmp_path / "disk", "size=1400k")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    yield from mounted(tmp_path / "ro", "ro,size=64k")
 
 
 def test_a_really_full_disk(tiny_models, work, small_disk, capsys):
@@ -456,3 +464,28 @@ def test_output_that_is_a_file_or_cannot_be_written(tiny_models, work, tmp_path,
     code, err = cli(capsys, *sft(tiny_models["llama"], work, tmp_path / "taken" / "below"))
     assert code == 2
     assert last_line(err).startswith(f"rlhfkit sft: error: output: cannot write into {tmp_path / 'taken' / 'below'} (")
+
+
+def test_a_merged_lora_model_that_overflows_is_not_written(tiny_models, tokenizer, tmp_path):
+    from rlhfkit.models import add_lora, load_causal_lm
+    from rlhfkit.training.common import write_model
+    from rlhfkit.training.guards import TrainingError, nonfinite_parameter
+
+    model = add_lora(load_causal_lm(str(tiny_models["llama"]), tokenizer), r=4, alpha=4.0, dropout=0.0,
+                     target_modules=["all-linear"], task="CAUSAL_LM")
+    with torch.no_grad():  # finite factors whose product (1e40) overflows float32 once merged into the weight
+        for name, p in model.named_parameters():
+            if "layers.0.mlp.down_proj.lora_" in name:
+                p.fill_(1e20)
+    assert nonfinite_parameter(model) is None
+    with pytest.raises(TrainingError, match=r"^final: tensor model.layers.0.mlp.down_proj.weight of the model as "
+                                            r"written is not finite"):
+        write_model(model, tokenizer, tmp_path / "final", World(), merge_lora=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_output_folder(tiny_models, work, read_only, capsys):
+    # Root ignores permission bits: only a read-only mount refuses root's writes, and only a write finds out.
+    code, err = cli(capsys, *sft(tiny_models["llama"], work, read_only))
+    assert code == 2
+    assert last_line(err) == f"rlhfkit sft: error: output: cannot write into {read_only} (Read-only file system)"

@@ -18,7 +18,7 @@ from rlhfkit.config import ConfigError, option, require, to_dict, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
 from rlhfkit.training.checkpoint import checkpoint_problem, latest_checkpoint, previous_intact, read_state
 from rlhfkit.training.distributed import World, init_world, unwrap
-from rlhfkit.training.guards import check_finite
+from rlhfkit.training.guards import TrainingError, check_finite
 
 log = logging.getLogger("rlhfkit")
 
@@ -442,10 +442,32 @@ def write_model(model, tokenizer, folder: Path, world: World, **kwargs) -> Path:
     from rlhfkit.training.checkpoint import writing
 
     tmp = folder.parent / f".tmp-{folder.name}"
+    bad = None
     with writing(f"the final model to {folder}", folder.parent, tmp, world):
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
             save_model(model, tokenizer, tmp, **kwargs)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            bad = nonfinite_tensor_in(tmp)
+            if bad is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+            else:
+                shutil.rmtree(tmp)
+    if world.sum([float(bad is not None)])[0]:
+        raise TrainingError(f"{folder.name}: tensor {bad} of the model as written is not finite (a merged LoRA "
+                            "adapter can overflow where its factors did not); nothing was saved")
     return folder
+
+
+def nonfinite_tensor_in(folder: Path) -> str | None:
+    """The first tensor of a saved model's safetensors files that holds NaN or inf, else None: what is checked is what
+    was written, after any LoRA merge."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return key
+    return None
