@@ -73,3 +73,233 @@ def header(out: str) -> str:
 
 def problems(out: str) -> list[str]:
     return [line.removeprefix("  problem ") for line in out.splitlines() if line.startswith("  problem ")]
+
+
+# ------------------------------------------------------------------------------------------ rows: margins and responses
+def test_csv_margin_is_a_number(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected,margin\nq1,a,b,0.5\nq2,a,b,\nq3,a,b,-2\n")
+    examples = load_examples([str(path)], "preference").examples
+    assert [ex.margin for ex in examples] == [0.5, 0.0, -2.0]
+    path.write_text("prompt,chosen,rejected,margin\nq1,a,b,high\n")
+    assert load_error(path) == f"{path}:2: field 'margin': expected a number, got str{SUFFIX}"
+
+
+def test_non_finite_margins_are_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = ['{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}',
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "nan"}',
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": -Infinity}',
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1e999}',
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1' + "0" * 400 + "}",
+             '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.5}']
+    path.write_text("\n".join(lines) + "\n")
+    examples, messages, _ = skipped(path)
+    assert [ex.margin for ex in examples] == [1.5]
+    assert messages == [f"{path}:1: field 'margin': expected a finite number, got nan",
+                        f"{path}:2: field 'margin': expected a finite number, got 'nan'",
+                        f"{path}:3: field 'margin': expected a finite number, got -inf",
+                        f"{path}:4: field 'margin': expected a finite number, got inf",
+                        f"{path}:5: field 'margin': expected a finite number, got an integer beyond the float range"]
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected,margin\nq,a,b,inf\nq,a,b,NaN\n")
+    assert skipped(path)[1] == [f"{path}:2: field 'margin': expected a finite number, got 'inf'",
+                                f"{path}:3: field 'margin': expected a finite number, got 'NaN'"]
+
+
+def test_a_response_must_end_with_an_assistant_message(tmp_path):
+    def conversation(*turns):
+        return [{"role": role, "content": text} for role, text in turns]
+
+    rows = [{"prompt": "q", "chosen": conversation(("user", "tell me")), "rejected": "no"},
+            {"prompt": "q", "chosen": "yes", "rejected": conversation(("assistant", "a"), ("system", "b"))},
+            {"chosen": conversation(("user", "q"), ("assistant", "a"), ("user", "more?")),
+             "rejected": conversation(("user", "q"), ("assistant", "b"))},
+            {"chosen": conversation(("user", "q"), ("assistant", "a"), ("user", "more?"), ("assistant", "yes")),
+             "rejected": conversation(("user", "q"), ("assistant", "b"))}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples, messages, _ = skipped(path)
+    assert [ex.source.line for ex in examples] == [4]
+    assert messages == [
+        f"{path}:1: field 'chosen': the response ends with a user message (it must end with an assistant message)",
+        f"{path}:2: field 'rejected': the response ends with a system message (it must end with an assistant "
+        "message)",
+        f"{path}:3: field 'chosen': the response ends with a user message (it must end with an assistant message)"]
+
+
+# ----------------------------------------- files: damage, bad bytes, byte-order marks, extra cells, text after an array
+def truncated_gzip(tmp_path, rows: int = 300):
+    """A .jsonl.gz cut at two thirds of its bytes, and the number of whole lines before the cut (worked out with
+    zlib, which decompresses whatever a cut stream holds)."""
+    data = jsonl_bytes([pair(k) for k in range(rows)])
+    packed = gzip.compress(data, mtime=0)
+    cut = packed[: len(packed) * 2 // 3]
+    readable = zlib.decompressobj(wbits=31).decompress(cut)
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(cut)
+    return path, readable.count(b"\n")
+
+
+def test_truncated_gzip_keeps_the_rows_before_the_cut(tmp_path, capsys):
+    path, whole = truncated_gzip(tmp_path)
+    assert 50 < whole < 290
+    reason = "the gzip data ends early (truncated file); the rows from this line on are lost"
+    assert load_error(path) == f"{path}:{whole + 1}: {reason}{SUFFIX}"
+    examples, messages, records = skipped(path)
+    assert [ex.prompt[0].content for ex in examples] == [f"question {k}" for k in range(whole)]
+    assert messages == [f"{path}:{whole + 1}: {reason}"]
+    assert records == [{"file": str(path), "line": whole + 1, "field": None, "reason": reason, "row": None}]
+
+
+def test_gzip_damage_other_than_truncation(tmp_path):
+    path = tmp_path / "plain.jsonl.gz"  # not compressed at all
+    path.write_bytes(jsonl_bytes([pair(1)]))
+    assert load_error(path) == f"{path}: not a gzip file (the name ends in .gz){SUFFIX}"
+    assert skipped(path)[1:] == ([f"{path}: not a gzip file (the name ends in .gz)"], [
+        {"file": str(path), "line": None, "field": None, "reason": "not a gzip file (the name ends in .gz)",
+         "row": None}])
+    # a good member, then bytes that are not gzip: the member's rows are kept
+    path.write_bytes(gzip.compress(jsonl_bytes([pair(1), pair(2)])) + b"junk")
+    examples, messages, _ = skipped(path)
+    assert len(examples) == 2
+    assert messages == [f"{path}:3: damaged gzip data (Not a gzipped file (b'ju')); the rows from this line on are "
+                        "lost"]
+    # a bad byte in the header's method field: nothing can be read
+    packed = bytearray(gzip.compress(jsonl_bytes([pair(1)])))
+    packed[2] = 7
+    path.write_bytes(bytes(packed))
+    assert load_error(path) == f"{path}: damaged gzip data (Unknown compression method); nothing could be read{SUFFIX}"
+
+
+def test_corrupt_parquet(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist([pair(k) for k in range(6)]), good, row_group_size=2, compression="none")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:300])
+    message = load_error(cut)
+    assert message.startswith(f"{cut}: not a readable parquet file (Parquet magic bytes not found in footer.")
+    assert "\n" not in message
+    # the pages of the second row group overwritten: rows 3 and 4 are lost, the others kept
+    column = pq.ParquetFile(good).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    damaged = bytearray(good.read_bytes())
+    damaged[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(damaged))
+    examples, messages, records = skipped(bad)
+    assert [ex.source.line for ex in examples] == [1, 2, 5, 6]
+    assert len(messages) == 1 and messages[0].startswith(f"{bad} row 3: rows 3-4 (row group 1) cannot be read (")
+    assert "\n" not in messages[0]
+    assert (records[0]["file"], records[0]["row"]) == (str(bad), None)
+
+
+def test_csv_cell_longer_than_the_csv_module_default(tmp_path):
+    path = tmp_path / "long.csv"
+    long = "word " * 40_000  # 200,000 characters; csv's default limit is 131,072
+    path.write_text(f"prompt,chosen,rejected\nq,{long},no\nq2,yes,no\n")
+    examples = load_examples([str(path)], "preference").examples
+    assert [(ex.chosen, ex.source.line) for ex in examples] == [([Message("assistant", long)], 2),
+                                                                ([Message("assistant", "yes")], 3)]
+
+
+def test_deeply_nested_json_is_a_bad_row(tmp_path, capsys):
+    deep = '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + ', "chosen": "a", "rejected": "b"}'
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(pair(1)) + "\n" + deep + "\n" + json.dumps(pair(3)) + "\n")
+    assert load_error(path) == f"{path}:2: JSON nested too deeply to read{SUFFIX}"
+    examples, messages, records = skipped(path)
+    assert [ex.source.line for ex in examples] == [1, 3]
+    assert messages == [f"{path}:2: JSON nested too deeply to read"] and records[0]["row"] == deep
+    code, out, err = check(capsys, path, "--kind", "preference")
+    assert (code, err, problems(out)) == (1, "", [f"{path}:2: JSON nested too deeply to read"])
+    # in a JSON array the element is skipped whole and the elements after it are read
+    array = tmp_path / "deep.json"
+    array.write_text("[\n" + json.dumps(pair(1)) + ",\n" + deep + ",\n" + json.dumps(pair(3)) + "\n]\n")
+    examples, messages, _ = skipped(array)
+    assert [ex.source.line for ex in examples] == [2, 4]
+    assert messages == [f"{array}:3: JSON nested too deeply to read"]
+    # never closed: the rest of the file cannot be read
+    array.write_text("[\n" + json.dumps(pair(1)) + ",\n" + deep[:60_000] + "\n]\n")
+    examples, messages, _ = skipped(array)
+    assert len(examples) == 1 and messages == [f"{array}:3: JSON nested too deeply to read; rest of file not read"]
+
+
+def test_a_stage_stops_with_one_line_naming_the_file(tiny_models, tmp_path, capsys):
+    path, whole = truncated_gzip(tmp_path)
+    out = tmp_path / "out"
+    code = main(["rm", "--model", str(tiny_models["llama"]), "--data", str(path), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"rlhfkit rm: error: {path}:{whole + 1}: the gzip data ends early (truncated file); the rows "
+                   f"from this line on are lost{SUFFIX}\n")
+    assert not (out / "final").exists()
+
+
+def test_bad_bytes_in_csv_and_json_array_lose_only_their_rows(tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nq1,a,b\nq2,\xff,b\n\nq3,\"x\ny\",b\nq4,c,d\xc3(\n")
+    examples, messages, records = skipped(path)
+    assert [(ex.prompt[0].content, ex.source.line) for ex in examples] == [("q1", 2), ("q3", 5)]
+    assert messages == [f"{path}:3: not valid UTF-8 (byte 0xff at column 4)",
+                        f"{path}:7: not valid UTF-8 (byte 0xc3 at column 7)"]
+    assert [r["row"] for r in records] == ["q2,\ufffd,b\n", "q4,c,d\ufffd(\n"]
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n  {"prompt": "q1", "chosen": "a", "rejected": "b"},\n  {"prompt": "q2\xfe", "chosen": "a",'
+                     b' "rejected": "b"},\n  {"prompt": "q3", "chosen": "a", "rejected": "b"}\n]\n')
+    examples, messages, _ = skipped(path)
+    assert [(ex.prompt[0].content, ex.source.line) for ex in examples] == [("q1", 2), ("q3", 4)]
+    assert messages == [f"{path}:3: not valid UTF-8 (byte 0xfe at column 17)"]
+    code, out, err = check(capsys, path, "--kind", "preference")
+    assert (code, err, problems(out)) == (1, "", messages)
+
+
+def test_bad_bytes_in_a_csv_header_or_outside_a_json_string(tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"prompt,cho\xffsen,rejected\nq1,a,b\n")
+    message = "not valid UTF-8 (byte 0xff at column 11) in the header; the columns are unknown"
+    assert load_error(path) == f"{path}:1: {message}{SUFFIX}"
+    # a bad byte where JSON syntax should be: named as such, the elements before it kept
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[{"prompt": "q1", "chosen": "a", "rejected": "b"},\n {"prompt": "q2"\xff}]')
+    examples, messages, _ = skipped(path)
+    assert len(examples) == 1
+    assert messages == [f"{path}:2: not valid UTF-8 (byte 0xff at column 17); rest of file not read"]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
+def test_a_byte_order_mark_is_not_data(tmp_path, name):
+    rows = [pair(1), pair(2)]
+    if name.endswith(".jsonl"):
+        data = jsonl_bytes(rows)
+    elif name.endswith(".json"):
+        data = json.dumps(rows, indent=1).encode()
+    else:
+        data = b"prompt,chosen,rejected\r\n" + b"".join(f"{r['prompt']},{r['chosen']},no\r\n".encode() for r in rows)
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + data)
+    examples = load_examples([str(path)], "preference").examples
+    assert [ex.prompt[0].content for ex in examples] == ["question 1", "question 2"]
+
+
+def test_csv_row_with_more_cells_than_the_header(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt,topic\nhello,greeting\nhi,greeting,extra,more\n")
+    message = "4 fields, but the header names 2 columns"
+    assert load_error(path, "prompt") == f"{path}:3: {message}{SUFFIX}"
+    examples, messages, records = skipped(path, "prompt")
+    assert [(ex.prompt[0].content, ex.extra) for ex in examples] == [("hello", {"topic": "greeting"})]
+    assert messages == [f"{path}:3: {message}"] and records[0]["row"] == "hi,greeting,extra,more\n"
+
+
+def test_text_after_a_json_array(tmp_path, capsys):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([pair(1), pair(2)], indent=1) + "\n\n" + json.dumps(pair(3)) + "\n")
+    message = f"{path}:14: text after the array's closing ']' (a .json file holds one array, or one object per line)"
+    assert load_error(path) == message + SUFFIX
+    examples, messages, records = skipped(path)
+    assert len(examples) == 2 and messages == [message] and records[0]["row"] == json.dumps(pair(3))
+    code, out, err = check(capsys, path, "--kind", "preference")
+    assert (code, err, problems(out)) == (1, "", [message])

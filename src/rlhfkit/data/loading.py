@@ -59,7 +59,8 @@ def check_spec_exists(spec: str) -> str | None:
 
 
 def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list[Any] | DataError]]:
-    """(source, raw row, examples or the row's error) for every row that a path names."""
+    """(source, raw row, examples or the row's error) for every row that a path names; the raw row of a row that
+    could not be parsed is its text, or None."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}")
     normalise = NORMALISERS[kind]
@@ -67,7 +68,7 @@ def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list
         row for file in expand(spec_path) for row in read_rows(file))
     for source, row in rows:
         if isinstance(row, DataError):
-            yield source, None, row
+            yield source, row.text, row  # the raw text, when the row could not be parsed
             continue
         try:
             yield source, row, normalise(row, source)
