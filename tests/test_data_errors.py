@@ -149,6 +149,11 @@ def test_truncated_gzip_keeps_the_rows_before_the_cut(tmp_path, capsys):
     assert [ex.prompt[0].content for ex in examples] == [f"question {k}" for k in range(whole)]
     assert messages == [f"{path}:{whole + 1}: {reason}"]
     assert records == [{"file": str(path), "line": whole + 1, "field": None, "reason": reason, "row": None}]
+    code, out, err = check(capsys, path, "--kind", "preference")
+    assert code == 2
+    assert err == f"rlhfkit data: error: {path}:{whole + 1}: {reason}\n"
+    assert header(out) == (f"{path} as preference: {whole} rows, {whole} examples, 0 with problems; "
+                           f"format: prompt-chosen-rejected ({whole})")
 
 
 def test_gzip_damage_other_than_truncation(tmp_path):
@@ -182,6 +187,9 @@ def test_corrupt_parquet(tmp_path, capsys):
     message = load_error(cut)
     assert message.startswith(f"{cut}: not a readable parquet file (Parquet magic bytes not found in footer.")
     assert "\n" not in message
+    code, _, err = check(capsys, cut, "--kind", "preference")
+    assert code == 2 and err.startswith(f"rlhfkit data: error: {cut}: not a readable parquet file (")
+    assert err.count("\n") == 1
     # the pages of the second row group overwritten: rows 3 and 4 are lost, the others kept
     column = pq.ParquetFile(good).metadata.row_group(1).column(0)
     start = column.dictionary_page_offset or column.data_page_offset
@@ -261,6 +269,8 @@ def test_bad_bytes_in_a_csv_header_or_outside_a_json_string(tmp_path, capsys):
     path.write_bytes(b"prompt,cho\xffsen,rejected\nq1,a,b\n")
     message = "not valid UTF-8 (byte 0xff at column 11) in the header; the columns are unknown"
     assert load_error(path) == f"{path}:1: {message}{SUFFIX}"
+    code, _, err = check(capsys, path, "--kind", "preference")
+    assert (code, err) == (2, f"rlhfkit data: error: {path}:1: {message}\n")
     # a bad byte where JSON syntax should be: named as such, the elements before it kept
     path = tmp_path / "d.json"
     path.write_bytes(b'[{"prompt": "q1", "chosen": "a", "rejected": "b"},\n {"prompt": "q2"\xff}]')
@@ -303,3 +313,30 @@ def test_text_after_a_json_array(tmp_path, capsys):
     assert len(examples) == 2 and messages == [message] and records[0]["row"] == json.dumps(pair(3))
     code, out, err = check(capsys, path, "--kind", "preference")
     assert (code, err, problems(out)) == (1, "", [message])
+
+
+# ---------------------------------------------------------------------------------------------- data check's exit codes
+def test_data_check_exit_codes_and_empty_files(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [pair(1)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pair(1), {"prompt": "q", "chosen": "a"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    damaged, _ = truncated_gzip(tmp_path)
+    assert check(capsys, good, "--kind", "preference")[0] == 0
+    code, out, err = check(capsys, empty, "--kind", "preference")
+    assert (code, err) == (1, "")
+    assert header(out) == f"{empty} as preference: 0 rows, 0 examples, 1 with problems; format: none"
+    assert problems(out) == [f"{empty}: the file holds no rows"]
+    assert check(capsys, good, bad, "--kind", "preference")[0] == 1
+    # damage anywhere: exit 2, after every file's report
+    code, out, err = check(capsys, damaged, bad, "--kind", "preference")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"rlhfkit data: error: {damaged}:")
+    assert [line.split(" as ")[0] for line in out.splitlines() if " as preference: " in line] == [str(damaged),
+                                                                                                   str(bad)]
+    # an empty file inside a folder is named
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [pair(1)])
+    (folder / "b.csv").write_text("")
+    code, out, _ = check(capsys, folder, "--kind", "preference")
+    assert code == 1 and problems(out) == [f"{folder / 'b.csv'}: the file holds no rows"]
