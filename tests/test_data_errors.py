@@ -315,6 +315,18 @@ def test_text_after_a_json_array(tmp_path, capsys):
     assert (code, err, problems(out)) == (1, "", [message])
 
 
+def test_messages_from_libraries_are_one_printable_line(tmp_path):
+    from rlhfkit.data.readers import _one_line
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a\n')
+    assert skipped(path)[1] == [f"{path}:1: malformed JSON (Unterminated string starting at column 27)"]
+    # pyarrow's messages span lines and quote the damaged bytes
+    assert _one_line(OSError("Couldn't deserialize thrift: don't know what type: \x0f\nDeserializing page header "
+                             "failed.\n")) == ("Couldn't deserialize thrift: don't know what type: \\x0f "
+                                               "Deserializing page header failed.")
+
+
 # ---------------------------------------------------------------------------------------------- data check's exit codes
 def test_data_check_exit_codes_and_empty_files(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [pair(1)])

@@ -125,8 +125,14 @@ def _unreadable(source: Source, message: str) -> Row:
 
 
 def _one_line(exc: Exception) -> str:
-    """A library's message on one line (pyarrow's span several)."""
-    return " ".join(str(exc).split())
+    """A library's message on one line (pyarrow's span several, some with control characters from the damage)."""
+    text = " ".join(str(exc).split())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _malformed(exc: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" already ("Unterminated string starting at").
+    return f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
 
 
 def _gunzip(name: str, raw: bytes) -> tuple[bytes, UnreadableError | None]:
@@ -198,7 +204,7 @@ def _read_json_lines(name: str, raw: bytes) -> Iterator[Row]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield source, DataError(source, None, f"malformed JSON ({exc.msg} at column {exc.colno})", text=text)
+            yield source, DataError(source, None, _malformed(exc), text=text)
             continue
         except RecursionError:
             yield source, DataError(source, None, "JSON nested too deeply to read", text=text)
@@ -238,8 +244,7 @@ def _read_json_array(name: str, raw: bytes) -> Iterator[Row]:
             if bad:
                 yield _unreadable(bad.source, f"{bad.message}; rest of file not read")
             else:
-                yield _unreadable(Source(name, exc.lineno),
-                                  f"malformed JSON ({exc.msg} at column {exc.colno}); rest of file not read")
+                yield _unreadable(Source(name, exc.lineno), f"{_malformed(exc)}; rest of file not read")
             return
         except RecursionError:
             end = _value_end(text, pos)
