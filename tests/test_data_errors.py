@@ -127,6 +127,22 @@ def test_a_response_must_end_with_an_assistant_message(tmp_path):
         f"{path}:3: field 'chosen': the response ends with a user message (it must end with an assistant message)"]
 
 
+def test_lone_surrogates_are_not_text(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}\n'
+                    '{"prompt": [{"role": "user", "content": "\\udc80"}], "chosen": "a", "rejected": "b"}\n'
+                    '{"prompt": "\\ud83d\\ude00", "chosen": "a", "rejected": "b"}\n'  # a pair: one character
+                    '{"prompt": "q", "chosen": 5, "rejected": "b", "note": "\\udc80"}\n')
+    examples, messages, records = skipped(path)
+    assert [ex.prompt[0].content for ex in examples] == ["\U0001f600"]
+    assert messages == [
+        f"{path}:1: field 'prompt': holds a lone surrogate '\\ud800' (half of a UTF-16 pair, not text)",
+        f"{path}:2: field 'prompt[0].content': holds a lone surrogate '\\udc80' (half of a UTF-16 pair, not text)",
+        f"{path}:4: field 'chosen': expected a string, got int"]
+    # the skipped-rows file writes them back as the same escapes
+    assert [records[0]["row"]["prompt"], records[2]["row"]["note"]] == ["q\ud800", "\udc80"]
+
+
 # ----------------------------------------- files: damage, bad bytes, byte-order marks, extra cells, text after an array
 def truncated_gzip(tmp_path, rows: int = 300):
     """A .jsonl.gz cut at two thirds of its bytes, and the number of whole lines before the cut (worked out with

@@ -28,6 +28,7 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 # Literal end-of-text markers that datasets write into responses; each response gets the tokenizer's real EOS token.
 END_MARKERS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<eos>")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -82,7 +83,15 @@ def _string(row: dict, key: str, source: Source, *, allow_empty: bool = False, l
         raise DataError(source, label, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(source, label, "empty (expected non-empty text)")
-    return value
+    return _no_surrogate(value, source, label)
+
+
+def _no_surrogate(text: str, source: Source, label: str) -> str:
+    """JSON's "\\ud800" escapes decode to lone surrogates: not characters, and tokenizers fail on them mid-run."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise DataError(source, label, f"holds a lone surrogate {found.group()!r} (half of a UTF-16 pair, not text)")
+    return text
 
 
 def _messages(value: Any, source: Source, label: str) -> list[Message]:
@@ -106,6 +115,7 @@ def _messages(value: Any, source: Source, label: str) -> list[Message]:
         content = item[content_key]
         if not isinstance(content, str):
             raise DataError(source, f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        _no_surrogate(content, source, f"{where}.{content_key}")
         role = ROLES[role.lower()]
         if role == "assistant":
             content = strip_end_marker(content)

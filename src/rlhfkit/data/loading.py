@@ -108,7 +108,9 @@ def load_examples(specs: list[str], kind: str, *, skip_invalid: bool = False, se
 
 
 def write_problems(problems: list[tuple[DataError, Any]], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    # A JSON escape such as "\udc80" decodes to a lone surrogate, which UTF-8 cannot hold: backslashreplace writes it
+    # back as the same escape, so the file stays valid JSON.
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
         for error, row in problems:
             f.write(json.dumps(error.as_record(row), ensure_ascii=False, default=str) + "\n")
 
