@@ -272,7 +272,7 @@ def _after_array(name: str, text: str, pos: int) -> Iterator[Row]:
         at = pos + len(rest) - len(rest.lstrip())
         source = Source(name, text.count("\n", 0, at) + 1)
         yield source, DataError(source, None, "text after the array's closing ']' (a .json file holds one array, "
-                                              "or one object per line)", text=_readable(rest.strip()[:200]))
+                                              "or one object per line)", text=_readable(rest.strip()))
 
 
 def _value_end(text: str, pos: int) -> int | None:
