@@ -436,10 +436,12 @@ def test_skip_invalid_counts_records_and_loses_nothing_valid(tmp_path):
         (msgs((U, "Q1")), msgs((A, "A")), msgs((A, "B")), 1), (msgs((U, "Q2")), msgs((A, "C")), msgs((A, "D")), 6),
         (msgs((U, "Q3")), msgs((A, "E")), msgs((A, "F")), 10)]
     records = [json.loads(line) for line in skipped.read_text(encoding="utf-8").splitlines()]
-    rows = [None, {"prompt": "Q", "rejected": "B"}, {"prompt": "Q", "chosen": 5, "rejected": "B"},
-            {"prompt": "Q", "chosen": "  ", "rejected": "B"},
+    # rows that could not be parsed keep their text (bad bytes as U+FFFD)
+    rows = ['{"prompt": "Q", "chosen": "A"', {"prompt": "Q", "rejected": "B"},
+            {"prompt": "Q", "chosen": 5, "rejected": "B"}, {"prompt": "Q", "chosen": "  ", "rejected": "B"},
             {"prompt": "Q", "chosen": "same<|endoftext|>", "rejected": "same"},
-            {"prompt": [{"role": "robot", "content": "x"}], "chosen": "A", "rejected": "B"}, None]
+            {"prompt": [{"role": "robot", "content": "x"}], "chosen": "A", "rejected": "B"},
+            '{"prompt": "Q\ufffd", "chosen": "A", "rejected": "B"}']
     assert records == [{"file": str(path), "line": line, "field": field, "reason": reason, "row": row}
                        for (line, field, reason), row in zip(BAD_REASONS, rows)]
     # no file is written when nothing was skipped

@@ -112,7 +112,8 @@ def _data(argv: list[str]) -> int:
 
 
 def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, max_len: int) -> int:
-    """Print each file's report; exit code 1 when any row has a problem."""
+    """Print each file's report; exit code 2 when part of a file cannot be read at all, else 1 when any row (or an
+    empty file) has a problem."""
     from rich.console import Console
     from rich.table import Table
 
@@ -130,7 +131,7 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     elif template == "auto":
         template = "human-assistant"
     console = Console(width=max(Console().width, 120))
-    problems = 0
+    problems = unreadable = 0
     for path in paths:
         report = check_file(path, kind, tokenizer=tokenizer, template=template, max_len=max_len)
         formats = ", ".join(f"{name} ({count})" for name, count in report.formats.most_common()) or "none"
@@ -150,8 +151,11 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
                   f"{report.encode.dropped} dropped")
         for problem in report.problems:  # plain print: user text must not be read as markup or wrapped
             print(f"  problem {problem}")
+        for damage in report.unreadable:
+            print(f"rlhfkit data: error: {damage}", file=sys.stderr)
         problems += len(report.problems)
-    return 1 if problems else 0
+        unreadable += len(report.unreadable)
+    return 2 if unreadable else 1 if problems else 0
 
 
 COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "eval-rm": _eval_rm, "compare": _compare,

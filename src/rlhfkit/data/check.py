@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from rlhfkit.data.encode import EncodeStats, encode_conversation, encode_pair, encode_prompt
 from rlhfkit.data.formats import Conversation, PreferencePair, PromptExample
 from rlhfkit.data.loading import iter_examples, parse_spec
-from rlhfkit.data.readers import DataError
+from rlhfkit.data.readers import DataError, Source, UnreadableError, expand, looks_like_hub_name
 
 
 @dataclass
@@ -18,7 +18,8 @@ class CheckReport:
     rows: int = 0
     examples: int = 0
     formats: Counter = field(default_factory=Counter)
-    problems: list[DataError] = field(default_factory=list)
+    problems: list[DataError] = field(default_factory=list)  # bad rows, and files that hold no rows
+    unreadable: list[UnreadableError] = field(default_factory=list)  # damage that loses more than a row
     lengths: dict[str, list[int]] = field(default_factory=dict)  # "prompt" / "response" / "total" -> per example
     unit: str = "words"
     encode: EncodeStats | None = None
@@ -52,7 +53,12 @@ def check_file(spec: str, kind: str, *, tokenizer=None, template: str = "human-a
     report = CheckReport(path, kind, unit="tokens" if tokenizer is not None else "words",
                          encode=EncodeStats() if tokenizer is not None else None)
     lengths = report.lengths = {"prompt": [], "response": [], "total": []}
-    for _, _, result in iter_examples(path, kind):
+    seen = set()
+    for source, _, result in iter_examples(path, kind):
+        seen.add(source.file)
+        if isinstance(result, UnreadableError):
+            report.unreadable.append(result)
+            continue
         report.rows += 1
         if isinstance(result, DataError):
             report.problems.append(result)
@@ -67,6 +73,9 @@ def check_file(spec: str, kind: str, *, tokenizer=None, template: str = "human-a
             lengths["prompt"].append(prompt)
             lengths["response"].append(response)
             lengths["total"].append(prompt + response)
+    files = [] if looks_like_hub_name(path) else [str(f) for f in expand(path)]
+    # An empty file is most likely a failed export or the wrong file; training would quietly use nothing from it.
+    report.problems += [DataError(Source(f, None), None, "the file holds no rows") for f in files if f not in seen]
     return report
 
 

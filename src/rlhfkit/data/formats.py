@@ -15,6 +15,7 @@ naming the field and what was expected.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +28,7 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 # Literal end-of-text markers that datasets write into responses; each response gets the tokenizer's real EOS token.
 END_MARKERS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<eos>")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -81,7 +83,15 @@ def _string(row: dict, key: str, source: Source, *, allow_empty: bool = False, l
         raise DataError(source, label, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(source, label, "empty (expected non-empty text)")
-    return value
+    return _no_surrogate(value, source, label)
+
+
+def _no_surrogate(text: str, source: Source, label: str) -> str:
+    """JSON's "\\ud800" escapes decode to lone surrogates: not characters, and tokenizers fail on them mid-run."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise DataError(source, label, f"holds a lone surrogate {found.group()!r} (half of a UTF-16 pair, not text)")
+    return text
 
 
 def _messages(value: Any, source: Source, label: str) -> list[Message]:
@@ -105,6 +115,7 @@ def _messages(value: Any, source: Source, label: str) -> list[Message]:
         content = item[content_key]
         if not isinstance(content, str):
             raise DataError(source, f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        _no_surrogate(content, source, f"{where}.{content_key}")
         role = ROLES[role.lower()]
         if role == "assistant":
             content = strip_end_marker(content)
@@ -116,11 +127,20 @@ def _messages(value: Any, source: Source, label: str) -> list[Message]:
 
 def _margin(row: dict, source: Source) -> float:
     value = row.get("margin", 0.0)
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):  # no margin (an empty CSV cell)
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DataError(source, "margin", f"expected a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        number = float(value)  # CSV cells are strings: "0.5" is a number there
+    except ValueError:
+        raise DataError(source, "margin", f"expected a number, got {type(value).__name__}") from None
+    except OverflowError:  # a JSON integer beyond any float
+        raise DataError(source, "margin", "expected a finite number, got an integer beyond the float range") from None
+    # A NaN margin makes every loss NaN (each step skipped); an infinite one saturates it: both are broken rows.
+    if not math.isfinite(number):
+        raise DataError(source, "margin", f"expected a finite number, got {value!r}")
+    return number
 
 
 def parse_hh_transcript(text: str, source: Source, label: str) -> list[Message]:
@@ -169,6 +189,15 @@ def _response(row: dict, key: str, source: Source) -> list[Message]:
 def _check_different(chosen: list[Message], rejected: list[Message], source: Source) -> None:
     if chosen == rejected:
         raise DataError(source, "rejected", "identical to 'chosen' (a pair needs two different responses)")
+
+
+def _check_ends_on_assistant(chosen: list[Message], rejected: list[Message], source: Source) -> None:
+    """A response ending on a user or system turn gets no EOS, and its score would be read on text that the model
+    never writes."""
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1].role != "assistant":
+            raise DataError(source, name, f"the response ends with a {messages[-1].role} message (it must end with "
+                                          "an assistant message)")
 
 
 # ---------------------------------------------------------------------------------------------------- normalisers
@@ -243,6 +272,7 @@ def normalise_preference(row: dict, source: Source) -> list[PreferencePair]:
             fmt = "conversation-pair"
         _check_different(chosen, rejected, source)
         prompt, chosen, rejected = split_shared_prompt(chosen, rejected, source)
+        _check_ends_on_assistant(chosen, rejected, source)
         return [PreferencePair(prompt, chosen, rejected, False, margin, source, fmt)]
     if isinstance(row[prompt_key], str):
         prompt = [Message("user", _string(row, prompt_key, source))]
@@ -252,6 +282,7 @@ def normalise_preference(row: dict, source: Source) -> list[PreferencePair]:
         raw, fmt = False, "context-messages" if prompt_key == "context" else "prompt-messages"
     chosen, rejected = _response(row, "chosen", source), _response(row, "rejected", source)
     _check_different(chosen, rejected, source)
+    _check_ends_on_assistant(chosen, rejected, source)
     return [PreferencePair(prompt, chosen, rejected, raw, margin, source, fmt)]
 
 

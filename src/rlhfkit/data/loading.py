@@ -59,7 +59,8 @@ def check_spec_exists(spec: str) -> str | None:
 
 
 def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list[Any] | DataError]]:
-    """(source, raw row, examples or the row's error) for every row that a path names."""
+    """(source, raw row, examples or the row's error) for every row that a path names; the raw row of a row that
+    could not be parsed is its text, or None."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}")
     normalise = NORMALISERS[kind]
@@ -67,7 +68,7 @@ def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list
         row for file in expand(spec_path) for row in read_rows(file))
     for source, row in rows:
         if isinstance(row, DataError):
-            yield source, None, row
+            yield source, row.text, row  # the raw text, when the row could not be parsed
             continue
         try:
             yield source, row, normalise(row, source)
@@ -107,7 +108,9 @@ def load_examples(specs: list[str], kind: str, *, skip_invalid: bool = False, se
 
 
 def write_problems(problems: list[tuple[DataError, Any]], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    # A JSON escape such as "\udc80" decodes to a lone surrogate, which UTF-8 cannot hold: backslashreplace writes it
+    # back as the same escape, so the file stays valid JSON.
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
         for error, row in problems:
             f.write(json.dumps(error.as_record(row), ensure_ascii=False, default=str) + "\n")
 
