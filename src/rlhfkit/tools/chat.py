@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 
-from rlhfkit.config import option, require
+from rlhfkit.config import option, require, require_seed
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import resolve_template
@@ -42,6 +42,7 @@ class ChatConfig:
         require(self.max_prompt_len >= 8, f"max_prompt_len: must be >= 8, got {self.max_prompt_len}")
         require(self.temperature >= 0, f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        require_seed(self.seed)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rlhfkit.config import ConfigError, option, require
+from rlhfkit.config import ConfigError, option, require, require_seed
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
@@ -50,6 +50,7 @@ class CompareConfig:
         require(self.temperature >= 0, f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        require_seed(self.seed)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:

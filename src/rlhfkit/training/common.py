@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import ConfigError, option, require, write_config
+from rlhfkit.config import ConfigError, option, require, require_seed, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
 from rlhfkit.training.checkpoint import latest_checkpoint
 from rlhfkit.training.distributed import World, init_world, unwrap
@@ -95,6 +95,7 @@ class CommonConfig:
         for name in ("save_every", "log_every"):
             require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
         require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
+        require_seed(self.seed)
         require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         require(self.nproc >= 0, f"nproc: must be >= 0, got {self.nproc}")
         require(self.nproc <= 1 or self.strategy != "single",
