@@ -85,6 +85,15 @@ def test_non_finite_numbers_in_yaml_and_other_commands(paths, capsys, no_model_l
     one_line_error(capsys, ["demo", "--seed", str(2**64)], "seed: must be in [0, 4294967295]")
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf"])
+def test_data_mixing_weight_must_be_finite(weight, paths, capsys, no_model_loads):
+    spec = f"{paths['data']}:{weight}"
+    one_line_error(capsys, ["sft", "--model", str(paths["model"]), "--data", spec, "--output", str(paths["output"])],
+                   f"data: {spec}: the mixing weight must be a finite number")
+    one_line_error(capsys, ppo_args(paths, "--ptx-data", spec), f"ptx_data: {spec}: the mixing weight")
+    one_line_error(capsys, ["eval-rm", "--model", str(paths["model"]), "--data", spec], f"data: {spec}: the mixing")
+
+
 # ------------------------------------------------------------------------------------------ unknown-flag hints
 
 

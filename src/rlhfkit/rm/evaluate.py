@@ -10,11 +10,11 @@ import torch
 
 from rlhfkit.config import option, require
 from rlhfkit.data.encode import EncodeStats
-from rlhfkit.data.loading import check_spec_exists, load_examples
+from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import load_sequence_classifier, load_tokenizer
 from rlhfkit.rm.train import encode_pairs, pair_metrics, score_pairs
-from rlhfkit.training.common import log, setup_logging
+from rlhfkit.training.common import check_data_specs, log, setup_logging
 
 
 @dataclass
@@ -34,9 +34,7 @@ class EvalRMConfig:
     def check(self) -> None:
         require(bool(self.model), "model: required")
         require(bool(self.data), "data: required")
-        for spec in self.data:
-            problem = check_spec_exists(spec)
-            require(problem is None, f"data: {problem}")
+        check_data_specs(self.data, "data")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require(self.max_len >= 8, f"max_len: must be >= 8, got {self.max_len}")
 

@@ -13,6 +13,7 @@ import torch
 
 from rlhfkit.config import ConfigError, option, require, require_seed, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
+from rlhfkit.data.readers import DataError
 from rlhfkit.training.checkpoint import latest_checkpoint
 from rlhfkit.training.distributed import World, init_world, unwrap
 
@@ -134,7 +135,10 @@ class SupervisedConfig(CommonConfig):
 
 def check_data_specs(specs: list[str], field: str) -> None:
     for spec in specs:
-        problem = check_spec_exists(spec)
+        try:
+            problem = check_spec_exists(spec)
+        except DataError as exc:  # a bad PATH:WEIGHT
+            problem = str(exc)
         require(problem is None, f"{field}: {problem}")
 
 
