@@ -109,3 +109,75 @@ def test_unknown_yaml_key_from_another_framework(paths, capsys):
     config = paths["dir"] / "run.yaml"
     config.write_text(yaml.safe_dump({"learning_rate": 0.1}), encoding="utf-8")
     one_line_error(capsys, sft_args(paths, "--config", str(config)), "unknown key 'learning_rate' (did you mean lr?)")
+
+
+# ------------------------------------------------------------------------------------------ what --model names
+
+
+@pytest.fixture
+def not_models(tmp_path, tokenizer_dir, tiny_models) -> dict[str, tuple[Path, str]]:
+    """Folders and files that are no model, each with what the error must say."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    return {"empty": (empty, f"{empty} is not a model folder: it has no config.json (it is empty)"),
+            "file": (a_file, f"{a_file} is a file; expected a model folder"),
+            "tokenizer only": (tokenizer_dir, f"{tokenizer_dir} is not a model folder: it has no config.json (it "
+                                              "holds tokenizer.json, tokenizer_config.json)"),
+            "no weights": (no_weights, f"{no_weights} has config.json but no weights"),
+            "run folder": (run, f"{run} is not a model folder: it has no config.json (it holds final); did you mean "
+                                f"{run / 'final'}?")}
+
+
+@pytest.mark.parametrize("kind", ["empty", "file", "tokenizer only", "no weights", "run folder"])
+def test_model_that_is_not_a_model_folder(kind, not_models, paths, capsys, no_model_loads):
+    path, message = not_models[kind]
+    one_line_error(capsys, ["sft", "--model", str(path), "--data", str(paths["data"]), "--output",
+                            str(paths["output"])], f"model: {message}")
+    assert not paths["output"].exists()
+
+
+def test_every_model_option_is_checked(not_models, paths, capsys, no_model_loads):
+    empty, message = not_models["empty"]
+    for field in ("actor", "reward", "critic", "ref"):
+        argv = ppo_args(paths)
+        if field in ("actor", "reward"):
+            argv[argv.index(f"--{field}") + 1] = str(empty)
+        else:
+            argv += [f"--{field}", str(empty)]
+        one_line_error(capsys, argv, f"{field}: {message}")
+    one_line_error(capsys, ["eval-rm", "--model", str(empty), "--data", str(paths["data"])], f"model: {message}")
+    one_line_error(capsys, ["chat", "--model", str(empty)], f"model: {message}")
+    one_line_error(capsys, ["compare", "--models", f"a={empty}", "--prompts", str(paths["prompts"])],
+                   f"models: {message}")
+
+
+def test_missing_relative_model_path_is_not_tried_on_the_hub_for_a_minute(paths, capsys, monkeypatch,
+                                                                         no_model_loads):
+    import time
+
+    monkeypatch.chdir(paths["dir"])
+    start = time.monotonic()
+    one_line_error(capsys, ["sft", "--model", "sft/final", "--data", str(paths["data"]), "--output", "out"],
+                   "model: sft/final is not a local folder, and the hub could not provide it (")
+    assert time.monotonic() - start < 20  # a download retried for 48 s before
+    assert not (paths["dir"] / "out").exists()
+
+
+def test_model_folder_without_tokenizer(tiny_models, paths, capsys, no_model_loads):
+    bare = paths["dir"] / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_models["llama"] / name).read_bytes())
+    code = main(["sft", "--model", str(bare), "--data", str(paths["data"]), "--output", str(paths["output"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err  # found when the tokenizer loads, after the data report
+    assert err.splitlines()[-1] == (f"rlhfkit sft: error: {bare}: no tokenizer files (tokenizer.json, "
+                                    "tokenizer_config.json) beside the model; copy them from the model it was made from")

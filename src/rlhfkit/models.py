@@ -15,19 +15,100 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.config import ConfigError
+
 PAD_TOKEN = "<|pad|>"
 REWARD_STATS_FILE = "reward_stats.json"
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
+# ------------------------------------------------------------------------------- checks before anything loads
+def model_source_problem(path: str) -> str | None:
+    """Why `path` cannot be loaded as a model, in one line, or None: it must be a local model folder (config.json
+    and weights, or a LoRA adapter folder) or a hub id that the hub, or its cache here, can provide."""
+    local = Path(path)
+    if local.is_file():
+        return f"{path} is a file; expected a model folder (config.json and weights) or a hub id"
+    if local.is_dir():
+        return _folder_problem(local)
+    if not path or path.count("/") > 1 or path.startswith((".", "/")):  # cannot be a hub id (owner/name or name)
+        return f"{path} does not exist"
+    return _hub_problem(path)
+
+
+def _folder_problem(folder: Path) -> str | None:
+    if (folder / "adapter_config.json").is_file():
+        if not any(folder.glob("adapter_model.*")):
+            return f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors)"
+        problem = model_source_problem(adapter_base(str(folder)))
+        return None if problem is None else f"{folder} is a LoRA adapter whose base model cannot load: {problem}"
+    if not (folder / "config.json").is_file():
+        names = sorted(p.name for p in folder.iterdir())
+        held = "it is empty" if not names else "it holds " + ", ".join(names[:5]) + (", ..." if names[5:] else "")
+        return f"{folder} is not a model folder: it has no config.json ({held}){_run_hint(folder)}"
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        return f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)"
+    return None
+
+
+def _run_hint(folder: Path) -> str:
+    """Where the model is when `folder` is one of rlhfkit's run or checkpoint folders."""
+    if (folder / "final" / "config.json").is_file():
+        return f"; did you mean {folder / 'final'}?"
+    if (folder / "state.json").is_file():
+        return "; a training checkpoint continues with --resume, the trained model is in the run's final/"
+    return ""
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """None when the hub (or its cache here) has `repo_id`'s config.json. One request without retries: a download
+    would retry an unreachable hub for most of a minute before failing."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+        return None
+    except GatedRepoError:
+        reason = "it is gated: accept its terms on the hub and log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        reason = "no such model, or a private one: check the name, or log in with `hf auth login`"
+    except EntryNotFoundError:
+        reason = "it has no config.json, so it is not a transformers model"
+    except OfflineModeIsEnabled:
+        reason = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache"
+    except Exception as exc:  # no network, a timeout, a bad name: whatever it is, say it in one line
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{repo_id} is not a local folder, and the hub could not provide it ({reason})"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path: str):
     """The model's tokenizer with a pad token distinct from EOS (one is added when missing or shared)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # a folder without tokenizer files, or files transformers cannot read
+        if Path(path).is_dir() and not any(_is_tokenizer_file(p.name) for p in Path(path).iterdir()):
+            raise ConfigError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json) beside the "
+                              "model; copy them from the model it was made from") from exc
+        raise ConfigError(f"{path}: cannot load its tokenizer ({_first_line(exc)})") from exc
     if tokenizer.eos_token is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token; every response must end with one")
+        raise ConfigError(f"{path}: the tokenizer has no EOS token; every response must end with one")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece", "merges")) or name.endswith((".model", ".tiktoken"))
 
 
 def _fit_vocab(model, tokenizer, seed: int) -> None:

@@ -143,9 +143,11 @@ def check_data_specs(specs: list[str], field: str) -> None:
 
 
 def check_model_path(path: str, field: str) -> None:
-    """A local folder that exists, or something shaped like a hub id (owner/name or name)."""
-    require(Path(path).exists() or (path.count("/") <= 1 and not path.startswith((".", "/"))),
-            f"{field}: {path} does not exist")
+    """A local model folder, or a hub id the hub can provide (see `model_source_problem`)."""
+    from rlhfkit.models import model_source_problem
+
+    problem = model_source_problem(path)
+    require(problem is None, f"{field}: {problem}")
 
 
 class _CurrentStderr(logging.StreamHandler):
