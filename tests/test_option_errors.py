@@ -181,3 +181,35 @@ def test_model_folder_without_tokenizer(tiny_models, paths, capsys, no_model_loa
     assert code == 2 and "Traceback" not in err  # found when the tokenizer loads, after the data report
     assert err.splitlines()[-1] == (f"rlhfkit sft: error: {bare}: no tokenizer files (tokenizer.json, "
                                     "tokenizer_config.json) beside the model; copy them from the model it was made from")
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+def test_unknown_attn_implementation_lists_the_valid_ones(paths, capsys, no_model_loads):
+    message = one_line_error(capsys, sft_args(paths, "--attn-implementation", "bogus"),
+                             "attn_implementation: expected one of eager, ", "sdpa", "flash_attention_2",
+                             "or a hub kernel such as kernels-community/flash-attn2, got 'bogus'")
+    one_line_error(capsys, ppo_args(paths, "--attn-implementation", "bogus"), message.split("error: ")[1])
+    assert not paths["output"].exists()
+
+
+@pytest.mark.parametrize("name", ["eager", "sdpa", "flash_attention_2", "flex_attention", "paged|eager",
+                                  "kernels-community/flash-attn2", "kernels-community/flash-attn2@v1:fn"])
+def test_known_attn_implementations_pass_the_check(name, paths):
+    from rlhfkit.config import parse_config
+    from rlhfkit.sft.train import SFTConfig
+
+    argv = sft_args(paths, "--attn-implementation", name)[1:]
+    assert parse_config(SFTConfig, argv, "rlhfkit sft").attn_implementation == name
+
+
+def test_attn_implementation_this_machine_lacks_is_one_line(tiny_models, tokenizer):
+    import importlib.util
+
+    from rlhfkit.config import ConfigError
+
+    if importlib.util.find_spec("flash_attn") or importlib.util.find_spec("kernels"):
+        pytest.skip("flash attention can be loaded here")
+    with pytest.raises(ConfigError, match="attn_implementation: flash_attention_2 cannot be used with "):
+        models.load_causal_lm(str(tiny_models["llama"]), tokenizer, attn_implementation="flash_attention_2")

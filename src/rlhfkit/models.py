@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -84,6 +85,21 @@ def _hub_problem(repo_id: str) -> str | None:
     return f"{repo_id} is not a local folder, and the hub could not provide it ({reason})"
 
 
+# A kernel on the hub, `owner/repo[@revision][:function]` (transformers' `is_kernel` pattern).
+HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+
+def attn_implementation_problem(name: str) -> str | None:
+    """None for an attention implementation transformers knows (its own registry, so a newer kernel is accepted
+    too) or a hub kernel; whether the model and this machine support it shows when the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name in known or name.removeprefix("paged|") in known or HUB_KERNEL.match(name):
+        return None
+    return f"expected one of {', '.join(known)} or a hub kernel such as kernels-community/flash-attn2, got {name!r}"
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0].strip() if lines else type(exc).__name__
@@ -131,12 +147,25 @@ def _finish(model, gradient_checkpointing: bool):
     return model
 
 
+def _from_pretrained(auto_class, path: str, attn_implementation: str, **kwargs):
+    """`auto_class.from_pretrained`, with a kernel this model or machine cannot run as a one-line ConfigError."""
+    try:
+        return auto_class.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation, **kwargs)
+    except (ImportError, ValueError) as exc:
+        # transformers says "attn_implementation" when the model lacks the kernel; an ImportError with a kernel
+        # asked for is its package missing (flash_attn, kernels)
+        kernel_missing = isinstance(exc, ImportError) and attn_implementation not in ("sdpa", "eager")
+        if kernel_missing or "attn_implementation" in str(exc):
+            raise ConfigError(f"attn_implementation: {attn_implementation} cannot be used with {path} here "
+                              f"({_first_line(exc)})") from exc
+        raise
+
+
 def load_causal_lm(path: str, tokenizer, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                    seed: int = 0):
     """A causal LM in float32 (bf16 runs as autocast on top of fp32 master weights)."""
     base = adapter_base(path)
-    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    model = _from_pretrained(AutoModelForCausalLM, base or path, attn_implementation)
     _fit_vocab(model, tokenizer, seed)
     if base:
         model = _load_adapter(model, path)
@@ -147,9 +176,8 @@ def load_sequence_classifier(path: str, tokenizer, *, attn_implementation: str =
                              gradient_checkpointing: bool = False, seed: int = 0):
     """A one-label sequence classifier. From a causal LM (an SFT model) the score head is new: std 1/sqrt(hidden+1)."""
     base = adapter_base(path)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        base or path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation,
-        output_loading_info=True)
+    model, info = _from_pretrained(AutoModelForSequenceClassification, base or path, attn_implementation,
+                                  num_labels=1, output_loading_info=True)
     head = score_head(model)
     if any(key.split(".")[0] == head_name(model) for key in info["missing_keys"]):
         with torch.random.fork_rng():

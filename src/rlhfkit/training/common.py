@@ -103,6 +103,10 @@ class CommonConfig:
                 f"nproc: {self.nproc} processes need --strategy ddp or fsdp")
         require(self.dist_timeout_s > 0, f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
         require(self.strategy == "fsdp" or not self.fsdp_cpu_offload, "fsdp_cpu_offload: needs --strategy fsdp")
+        from rlhfkit.models import attn_implementation_problem
+
+        problem = attn_implementation_problem(self.attn_implementation)
+        require(problem is None, f"attn_implementation: {problem}")
 
     @property
     def micro(self) -> int:
