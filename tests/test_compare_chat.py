@@ -150,7 +150,7 @@ def test_compare_cli_writes_json_and_prints_table(stopping_llama, tiny_models, t
     out = tmp_path / "results.json"
     code = main(["compare", "--models", f"base={tiny_models['gpt2']}", f"tuned={stopping_llama}",
                  "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", str(MAX_NEW),
-                 "--output", str(out)])
+                 "--max-prompt-len", "256", "--output", str(out)])  # prompt + response within GPT-2's 512 positions
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads(out.read_text())

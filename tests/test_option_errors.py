@@ -213,3 +213,37 @@ def test_attn_implementation_this_machine_lacks_is_one_line(tiny_models, tokeniz
         pytest.skip("flash attention can be loaded here")
     with pytest.raises(ConfigError, match="attn_implementation: flash_attention_2 cannot be used with "):
         models.load_causal_lm(str(tiny_models["llama"]), tokenizer, attn_implementation="flash_attention_2")
+
+
+# ------------------------------------------------------------------------------------- lengths the model has
+
+
+def test_max_len_beyond_learned_positions(tiny_models, paths, capsys, no_model_loads):
+    gpt2, opt = tiny_models["gpt2"], tiny_models["opt"]
+    limit = "exceed the 512 positions of"
+    one_line_error(capsys, ["sft", "--model", str(gpt2), "--data", str(paths["data"]), "--output",
+                            str(paths["output"]), "--max-len", "1024"],
+                   f"max_len: 1024 tokens {limit} model {gpt2} (gpt2 has a learned table", "use at most 512")
+    one_line_error(capsys, ["rm", "--model", str(opt), "--data", str(paths["data"]), "--output",
+                            str(paths["output"]), "--max-len", "513"], f"max_len: 513 tokens {limit} model {opt}")
+    one_line_error(capsys, ["eval-rm", "--model", str(opt), "--data", str(paths["data"]), "--max-len", "600"],
+                   f"max_len: 600 tokens {limit} model {opt}")
+    one_line_error(capsys, ppo_args(paths, "--reward", str(gpt2), "--max-new-tokens", "300"),
+                   f"max_prompt_len + max_new_tokens (256 + 300): 556 tokens {limit} reward {gpt2}")
+    one_line_error(capsys, ppo_args(paths, "--actor", str(opt), "--ptx-data", str(paths["data"]), "--max-len", "600"),
+                   f"max_len (PTX rows): 600 tokens {limit} actor {opt}")
+    one_line_error(capsys, ["chat", "--model", str(gpt2)],
+                   f"max_prompt_len + max_new_tokens (512 + 128): 640 tokens {limit} model {gpt2}")
+    one_line_error(capsys, ["compare", "--models", f"a={tiny_models['llama']},b={gpt2}", "--prompts",
+                            str(paths["prompts"]), "--max-prompt-len", "500"], f"{limit} model {gpt2}")
+    assert not paths["output"].exists()
+
+
+def test_max_len_beyond_rotary_positions_is_a_warning(tiny_models, paths, caplog):
+    from rlhfkit.config import parse_config
+    from rlhfkit.sft.train import SFTConfig
+
+    config = parse_config(SFTConfig, sft_args(paths, "--max-len", "1024")[1:], "rlhfkit sft")
+    assert config.max_len == 1024
+    assert "max_len: 1024 tokens exceed the 512 positions model" in caplog.text
+    assert "it runs, but the model has not learned such lengths" in caplog.text

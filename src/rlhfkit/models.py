@@ -100,6 +100,41 @@ def attn_implementation_problem(name: str) -> str | None:
     return f"expected one of {', '.join(known)} or a hub kernel such as kernels-community/flash-attn2, got {name!r}"
 
 
+# Architectures whose positions are a learned table: a longer sequence indexes past its end and the run dies mid-way
+# (IndexError). Rotary and ALiBi models run past the length they were trained on, only less well.
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt")
+
+
+def check_positions(needs: list[tuple[str, str, int, str]]) -> None:
+    """For each (path, field, tokens, what): refuse sequences of `tokens` (what `what` adds up to) beyond a learned
+    position table of the model at `path`, then warn where they exceed the positions a rotary model was trained with.
+    Reads only the models' configs."""
+    warnings = []
+    for path, field, tokens, what in needs:
+        config = _model_config(path, field)
+        limit = getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int) or tokens <= limit:
+            continue
+        if config.model_type in LEARNED_POSITIONS:
+            raise ConfigError(f"{what}: {tokens} tokens exceed the {limit} positions of {field} {path} "
+                              f"({config.model_type} has a learned table of {limit} positions, and a longer sequence "
+                              f"crashes); use at most {limit}")
+        warnings.append(f"warning: {what}: {tokens} tokens exceed the {limit} positions {field} {path} was trained "
+                        "with (max_position_embeddings); it runs, but the model has not learned such lengths")
+    for warning in warnings:
+        logging.getLogger("rlhfkit").warning(warning)
+
+
+def _model_config(path: str, field: str):
+    """The model's transformers config (a LoRA adapter folder's base model's); a ConfigError when unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(adapter_base(path) or path)
+    except (OSError, ValueError, KeyError) as exc:  # bad JSON, an unknown model_type
+        raise ConfigError(f"{field}: cannot read the config of {path} ({_first_line(exc)})") from exc
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0].strip() if lines else type(exc).__name__

@@ -16,7 +16,7 @@ from rlhfkit.config import option, require, require_seed
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import default_device, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_positions, default_device, load_causal_lm, load_tokenizer
 from rlhfkit.tools.generation import Response, generate_from_ids
 from rlhfkit.training.common import check_model_path, setup_logging
 
@@ -43,6 +43,8 @@ class ChatConfig:
         require(self.temperature >= 0, f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         require_seed(self.seed)
+        check_positions([(self.model, "model", self.max_prompt_len + self.max_new_tokens,
+                          f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})")])
 
 
 @dataclass

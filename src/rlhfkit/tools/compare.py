@@ -12,7 +12,8 @@ from rlhfkit.config import ConfigError, option, require, require_seed
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhfkit.models import (check_positions, default_device, load_causal_lm, load_sequence_classifier,
+                            load_tokenizer)
 from rlhfkit.tools.generation import generate_responses, score_responses
 from rlhfkit.training.common import check_data_specs, check_model_path, log, setup_logging
 
@@ -51,6 +52,13 @@ class CompareConfig:
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require_seed(self.seed)
+        # every model, and the reward model after it, sees a prompt and its response
+        tokens = self.max_prompt_len + self.max_new_tokens
+        what = f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})"
+        needs = [(path, "model", tokens, what) for path in parse_models(self.models).values()]
+        if self.reward_model:
+            needs.append((self.reward_model, "reward_model", tokens, what))
+        check_positions(needs)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:

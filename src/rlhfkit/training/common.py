@@ -135,6 +135,9 @@ class SupervisedConfig(CommonConfig):
                 f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
         require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
         require(self.eval_every >= 0, f"eval_every: must be >= 0, got {self.eval_every}")
+        from rlhfkit.models import check_positions
+
+        check_positions([(self.model, "model", self.max_len, "max_len")])
 
 
 def check_data_specs(specs: list[str], field: str) -> None:
