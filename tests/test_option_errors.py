@@ -3,6 +3,7 @@ exit code 2, naming the field, file or function, before any model is loaded wher
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,14 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    for name in ("load_causal_lm", "load_sequence_classifier"):
-        monkeypatch.setattr(models, name, refuse)
-    for module in ("rlhfkit.sft.train", "rlhfkit.rm.train", "rlhfkit.ppo.train", "rlhfkit.rm.evaluate",
-                   "rlhfkit.tools.chat", "rlhfkit.tools.compare"):
-        imported = pytest.importorskip(module)
+    # imported before models is patched, or a module imported now would keep `refuse` for good
+    users = [importlib.import_module(name) for name in ("rlhfkit.sft.train", "rlhfkit.rm.train", "rlhfkit.ppo.train",
+                                                        "rlhfkit.rm.evaluate", "rlhfkit.tools.chat",
+                                                        "rlhfkit.tools.compare")]
+    for module in [models, *users]:
         for name in ("load_causal_lm", "load_sequence_classifier"):
-            if hasattr(imported, name):
-                monkeypatch.setattr(imported, name, refuse)
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
 
 
 def sft_args(paths, *flags: str) -> list[str]:
@@ -57,6 +58,19 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
     for needle in needles:
         assert needle in err, (needle, err)
     return err.rstrip("\n")
+
+
+def last_line_error(capsys, argv: list[str], *needles: str) -> str:
+    """As `one_line_error`, for mistakes found once the run has started (its log lines come first)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"rlhfkit {argv[0]}: error: "), err
+    for needle in needles:
+        assert needle in last, (needle, err)
+    return last
 
 
 # --------------------------------------------------------------------------------------- finite numbers, seed
@@ -176,11 +190,10 @@ def test_model_folder_without_tokenizer(tiny_models, paths, capsys, no_model_loa
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         (bare / name).write_bytes((tiny_models["llama"] / name).read_bytes())
-    code = main(["sft", "--model", str(bare), "--data", str(paths["data"]), "--output", str(paths["output"])])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err  # found when the tokenizer loads, after the data report
-    assert err.splitlines()[-1] == (f"rlhfkit sft: error: {bare}: no tokenizer files (tokenizer.json, "
-                                    "tokenizer_config.json) beside the model; copy them from the model it was made from")
+    # found when the tokenizer loads, after the data report
+    last_line_error(capsys, ["sft", "--model", str(bare), "--data", str(paths["data"]), "--output",
+                             str(paths["output"])], f"error: {bare}: no tokenizer files (tokenizer.json, "
+                    "tokenizer_config.json) beside the model; copy them from the model it was made from")
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -247,3 +260,29 @@ def test_max_len_beyond_rotary_positions_is_a_warning(tiny_models, paths, caplog
     assert config.max_len == 1024
     assert "max_len: 1024 tokens exceed the 512 positions model" in caplog.text
     assert "it runs, but the model has not learned such lengths" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_target_module_the_model_lacks(paths, capsys):
+    # found once the model is loaded (its module names are the model's), before any training step
+    last_line_error(capsys, sft_args(paths, "--lora-r", "4", "--lora-target-modules", "nope", "--max-steps", "1"),
+                    "lora_target_modules: no module of this model is named 'nope'; its layers are down_proj, ",
+                    "q_proj", "v_proj (or all-linear)")
+    assert not (paths["output"] / "final").exists()
+
+
+def test_each_lora_target_must_name_a_layer(tiny_models, tokenizer):
+    from rlhfkit.config import ConfigError
+
+    def lora(arch: str, targets: list[str]):
+        model = models.load_causal_lm(str(tiny_models[arch]), tokenizer)
+        return models.add_lora(model, r=2, alpha=4.0, dropout=0.0, target_modules=targets, task="CAUSAL_LM")
+
+    with pytest.raises(ConfigError, match=r"no module of this model is named 'c_atn'; its layers are c_attn, c_fc, "):
+        lora("gpt2", ["c_proj", "c_atn"])  # peft alone adapts c_proj and says nothing of c_atn
+    with pytest.raises(ConfigError, match=r"'self_attn' is a LlamaAttention, not a layer LoRA can adapt"):
+        lora("llama", ["self_attn"])
+    adapted = lora("llama", ["q_proj,v_proj"])  # a comma-separated flag value is one item
+    assert adapted.peft_config["default"].target_modules == {"q_proj", "v_proj"}

@@ -291,14 +291,43 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     """Wrap with a peft LoRA adapter; task "CAUSAL_LM" or "SEQ_CLS" (whose score head stays trainable and saved)."""
     from peft import LoraConfig, get_peft_model
 
+    # `--lora-target-modules q_proj,v_proj` arrives as one item (flags split lists on spaces, YAML on commas)
+    target_modules = [t.strip() for item in target_modules for t in item.split(",") if t.strip()]
     targets = "all-linear" if target_modules in (["all-linear"], ["all"]) else target_modules
+    if targets != "all-linear":
+        _check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # what peft refuses that the check above did not foresee
+        raise ConfigError(f"lora_target_modules: peft refused {', '.join(targets)}: {' '.join(str(exc).split())}"
+                          ) from exc
     if task == "SEQ_CLS":  # make sure the head trains even for architectures peft does not know
         for name, param in peft_model.named_parameters():
             if f".{head_name(model)}." in f".{name}" and "modules_to_save" in name:
                 param.requires_grad_(True)
     return peft_model
+
+
+def _check_lora_targets(model, targets: list[str]) -> None:
+    """Every target must name (peft's rule: the full name or its last parts) at least one layer LoRA can adapt. peft
+    only fails when no name matches, so a misspelt one among several would quietly adapt fewer layers than asked."""
+    modules = dict(model.named_modules())
+    layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if _adaptable(m)})
+    for target in targets:
+        matched = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        if not matched:
+            raise ConfigError(f"lora_target_modules: no module of this model is named {target!r}; its layers are "
+                              f"{', '.join(layers)} (or all-linear)")
+        if not any(_adaptable(m) for m in matched):
+            raise ConfigError(f"lora_target_modules: {target!r} is a {type(matched[0]).__name__}, not a layer LoRA "
+                              f"can adapt; this model's are {', '.join(layers)} (or all-linear)")
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A layer type peft's LoRA wraps (quantised linear layers included, by their names)."""
+    name = type(module).__name__
+    return "Linear" in name or name in ("Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
 
 
 def is_peft(model) -> bool:
