@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import color_sft_rows, write_jsonl
+from conftest import color_preference_rows, color_sft_rows, write_jsonl
 
 from rlhfkit import models
 from rlhfkit.cli import main
@@ -18,6 +18,7 @@ from rlhfkit.cli import main
 def paths(tiny_models, tmp_path) -> dict[str, Path]:
     return {"model": tiny_models["llama"], "data": write_jsonl(tmp_path / "sft.jsonl", color_sft_rows(8)),
             "prompts": write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What color is item 3?"}] * 4),
+            "pairs": write_jsonl(tmp_path / "pairs.jsonl", color_preference_rows(4)),
             "output": tmp_path / "out", "dir": tmp_path}
 
 
@@ -286,3 +287,18 @@ def test_each_lora_target_must_name_a_layer(tiny_models, tokenizer):
         lora("llama", ["self_attn"])
     adapted = lora("llama", ["q_proj,v_proj"])  # a comma-separated flag value is one item
     assert adapted.peft_config["default"].target_modules == {"q_proj", "v_proj"}
+
+
+# -------------------------------------------------------------------------------------------------- template
+
+
+def test_tokenizer_template_without_one(paths, capsys, no_model_loads):
+    message = (f"template: 'tokenizer' asked for, but the tokenizer has no chat template ({paths['model']}); choose "
+               "auto, human-assistant, alpaca or chatml")
+    last_line_error(capsys, sft_args(paths, "--template", "tokenizer"), message)
+    last_line_error(capsys, ["eval-rm", "--model", str(paths["model"]), "--data", str(paths["pairs"]), "--template",
+                             "tokenizer"], message)
+    last_line_error(capsys, ["compare", "--models", f"a={paths['model']}", "--prompts", str(paths["prompts"]),
+                             "--max-prompt-len", "256", "--template", "tokenizer"], message)
+    last_line_error(capsys, ["chat", "--model", str(paths["model"]), "--max-prompt-len", "256", "--template",
+                             "tokenizer"], message)

@@ -93,16 +93,20 @@ def compare_models(models: dict[str, str], examples: list[PromptExample], *, tem
     Models are loaded one at a time, so comparing three models costs the memory of one (plus the reward model).
     """
     device = default_device()
+    # every tokenizer and template first: a template mistake stops the comparison before any model loads
+    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}
+    templates = {name: resolve_template(template, tok) for name, tok in tokenizers.items()}
     reward = None
     if reward_model:
         reward_tokenizer = load_tokenizer(reward_model)
+        reward_template = resolve_template(template, reward_tokenizer)
         reward = (load_sequence_classifier(reward_model, reward_tokenizer).to(device), reward_tokenizer,
-                  resolve_template(template, reward_tokenizer))
+                  reward_template)
     rows = [{"prompt": prompt_text(ex), "responses": {}} for ex in examples]
     for name, path in models.items():
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizers[name]
         model = load_causal_lm(path, tokenizer).to(device)
-        responses = generate_responses(model, tokenizer, examples, resolve_template(template, tokenizer),
+        responses = generate_responses(model, tokenizer, examples, templates[name],
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        seed=seed, batch_size=batch_size, max_prompt_len=max_prompt_len)
         del model
