@@ -302,3 +302,17 @@ def test_tokenizer_template_without_one(paths, capsys, no_model_loads):
                              "--max-prompt-len", "256", "--template", "tokenizer"], message)
     last_line_error(capsys, ["chat", "--model", str(paths["model"]), "--max-prompt-len", "256", "--template",
                              "tokenizer"], message)
+
+
+# ---------------------------------------------------------------------------------------- tools' output files
+
+
+def test_output_file_that_cannot_be_written(paths, capsys, no_model_loads):
+    folder = paths["dir"]
+    eval_rm = ["eval-rm", "--model", str(paths["model"]), "--data", str(paths["pairs"]), "--output"]
+    one_line_error(capsys, eval_rm + [str(folder)],
+                   f"output: {folder} is a folder; give the file to write, e.g. {folder / 'results.json'}")
+    one_line_error(capsys, eval_rm + [str(paths["data"] / "scores.json")],
+                   f"output: cannot create {paths['data'] / 'scores.json'}: {paths['data']} is a file")
+    one_line_error(capsys, ["compare", "--models", f"a={paths['model']}", "--prompts", str(paths["prompts"]),
+                            "--max-prompt-len", "256", "--output", str(folder)], f"output: {folder} is a folder")

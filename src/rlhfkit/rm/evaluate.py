@@ -14,7 +14,7 @@ from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import check_positions, load_sequence_classifier, load_tokenizer
 from rlhfkit.rm.train import encode_pairs, pair_metrics, score_pairs
-from rlhfkit.training.common import check_data_specs, check_model_path, log, setup_logging
+from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
 
 @dataclass
@@ -36,6 +36,7 @@ class EvalRMConfig:
         require(bool(self.data), "data: required")
         check_model_path(self.model, "model")
         check_data_specs(self.data, "data")
+        check_output_file(self.output, "output")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require(self.max_len >= 8, f"max_len: must be >= 8, got {self.max_len}")
         check_positions([(self.model, "model", self.max_len, "max_len")])

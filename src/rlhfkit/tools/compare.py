@@ -15,7 +15,7 @@ from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import (check_positions, default_device, load_causal_lm, load_sequence_classifier,
                             load_tokenizer)
 from rlhfkit.tools.generation import generate_responses, score_responses
-from rlhfkit.training.common import check_data_specs, check_model_path, log, setup_logging
+from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
 
 @dataclass
@@ -52,6 +52,7 @@ class CompareConfig:
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require_seed(self.seed)
+        check_output_file(self.output, "output")
         # every model, and the reward model after it, sees a prompt and its response
         tokens = self.max_prompt_len + self.max_new_tokens
         what = f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})"
@@ -134,6 +135,7 @@ def run_compare(config: CompareConfig) -> list[dict]:
                           reward_model=config.reward_model)
     print_table(rows, list(models))
     if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps({"models": models, "rows": rows}, indent=2, ensure_ascii=False),
                                        encoding="utf-8")
         log.info(f"wrote {len(rows)} rows to {config.output}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ def check_model_path(path: str, field: str) -> None:
 
     problem = model_source_problem(path)
     require(problem is None, f"{field}: {problem}")
+
+
+def check_output_file(path: str, field: str) -> None:
+    """A file a tool writes when it is done: what would stop the write then is refused now, before the work."""
+    if not path:
+        return
+    target = Path(path)
+    require(not target.is_dir(), f"{field}: {path} is a folder; give the file to write, e.g. {target / 'results.json'}")
+    existing = next(p for p in target.absolute().parents if p.exists())
+    require(existing.is_dir(), f"{field}: cannot create {path}: {existing} is a file")
+    require(os.access(existing, os.W_OK), f"{field}: cannot create {path}: {existing} is not writable")
 
 
 class _CurrentStderr(logging.StreamHandler):
