@@ -316,3 +316,11 @@ def test_output_file_that_cannot_be_written(paths, capsys, no_model_loads):
                    f"output: cannot create {paths['data'] / 'scores.json'}: {paths['data']} is a file")
     one_line_error(capsys, ["compare", "--models", f"a={paths['model']}", "--prompts", str(paths["prompts"]),
                             "--max-prompt-len", "256", "--output", str(folder)], f"output: {folder} is a folder")
+
+
+def test_eval_rm_table_shows_brackets_in_the_data_as_text(paths, capsys):
+    pairs = write_jsonl(paths["dir"] / "brackets.jsonl", [{"prompt": "Say [/bold] or [red]", "chosen": " [b]yes",
+                                                            "rejected": " no"}])
+    assert main(["eval-rm", "--model", str(paths["model"]), "--data", str(pairs)]) == 0  # a MarkupError before
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[/bold] or [red]" in out and "[b]yes" in out

@@ -71,10 +71,11 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
 def _print_table(tokenizer, encoded, chosen, rejected, metrics, show: int) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    def text(ids: list[int], limit: int = 80) -> str:
+    def text(ids: list[int], limit: int = 80) -> Text:  # Text, not markup: "[/b]" in the data would crash the table
         s = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
-        return s if len(s) <= limit else "..." + s[-limit:]
+        return Text(s if len(s) <= limit else "..." + s[-limit:])
 
     table = Table(title="reward model on preference pairs")
     for column in ("prompt", "chosen", "score", "rejected", "score", "ok"):
