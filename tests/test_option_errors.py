@@ -324,3 +324,51 @@ def test_eval_rm_table_shows_brackets_in_the_data_as_text(paths, capsys):
     assert main(["eval-rm", "--model", str(paths["model"]), "--data", str(pairs)]) == 0  # a MarkupError before
     out = " ".join(capsys.readouterr().out.split())
     assert "[/bold] or [red]" in out and "[b]yes" in out
+
+
+# --------------------------------------------------------------------------------------------- reward functions
+
+
+REWARD_FNS = """
+def no_arguments():
+    return []
+
+def one_argument(responses):
+    return [0.0] * len(responses)
+
+def extra_positional_only(prompts, responses, answer, /):
+    return [0.0] * len(responses)
+
+def needs_answer(prompts, responses, answer, *, weight=1.0):
+    return [weight * (a in r) for r, a in zip(responses, answer)]
+"""
+
+
+@pytest.mark.parametrize("name,signature,reason", [
+    ("no_arguments", "()", "too many positional arguments"),
+    ("one_argument", "(responses)", "too many positional arguments"),
+    ("extra_positional_only", "(prompts, responses, answer, /)", "missing a required argument: 'answer'"),
+])
+def test_reward_function_with_the_wrong_signature(name, signature, reason, paths, capsys, no_model_loads):
+    rewards = paths["dir"] / "rewards.py"
+    rewards.write_text(REWARD_FNS)
+    spec = f"{rewards}:{name}"
+    for field, flags in (("reward_fn", ["--reward-fn", spec]),
+                         ("monitor_fn", ["--reward", str(paths["model"]), "--monitor-fn", spec])):
+        one_line_error(capsys, ["ppo", "--actor", str(paths["model"]), *flags, "--prompts", str(paths["prompts"]),
+                                "--output", str(paths["output"])],
+                       f"{field}: {spec} takes {signature}, but is called as fn(prompts, responses, "
+                       f"**prompt_columns) ({reason})")
+    assert not paths["output"].exists()
+
+
+def test_reward_function_needing_a_column_the_prompts_lack(paths, capsys):
+    rewards = paths["dir"] / "rewards.py"
+    rewards.write_text(REWARD_FNS)
+    # the prompts' columns are known once they are read: found at the first scoring, before any update
+    last_line_error(capsys, ["ppo", "--actor", str(paths["model"]), "--reward-fn", f"{rewards}:needs_answer",
+                             "--prompts", str(paths["prompts"]), "--output", str(paths["output"]), "--batch-size", "2",
+                             "--max-new-tokens", "2", "--max-steps", "1"],
+                    "reward function needs_answer needs the prompt column answer, which the prompt rows do not have "
+                    "(their columns: none besides the prompt)")
+    assert not (paths["output"] / "final").exists()
