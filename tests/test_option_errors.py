@@ -372,3 +372,18 @@ def test_reward_function_needing_a_column_the_prompts_lack(paths, capsys):
                     "reward function needs_answer needs the prompt column answer, which the prompt rows do not have "
                     "(their columns: none besides the prompt)")
     assert not (paths["output"] / "final").exists()
+
+
+# ------------------------------------------------------------------------------------ chat prints safe text
+
+
+def test_chat_shows_control_characters_as_escapes():
+    from rlhfkit.tools.chat import Turn, chat_loop
+    from rlhfkit.tools.generation import Response
+
+    raw = "fine\rHACKED \x1b[2J\x07 tab\there\nnext line \x85 caf\u00e9 \u2014 \U0001f600 \x7f"
+    written = []
+    turns = chat_loop(["hi"], written.append, lambda history: Turn([], "", Response(raw, True, 1, [])))
+    assert written == ["assistant> fine\\rHACKED \\x1b[2J\\x07 tab\there\nnext line \\x85 caf\u00e9 \u2014 "
+                       "\U0001f600 \\x7f"]
+    assert turns[0].reply.text == raw  # the history keeps what the model wrote: only the display is escaped

@@ -8,6 +8,7 @@ PPO prompt does). `/clear` starts a new conversation, `/exit` or end of input qu
 from __future__ import annotations
 
 import itertools
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -74,8 +75,15 @@ def chat_loop(lines: Iterable[str], write: Callable[[str], None], respond: Calla
         turn = respond(history)
         history.append(Message("assistant", turn.reply.text))
         turns.append(turn)
-        write(f"assistant> {turn.reply.text}")
+        write(f"assistant> {printable(turn.reply.text)}")
     return turns
+
+
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: control characters but newline and tab are shown as escapes (\\r, \\x1b,
+    ...). A model's `\\r` once overwrote the prompt; an escape sequence could recolour or clear the screen."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def model_responder(model, tokenizer, template: str, *, max_new_tokens: int, temperature: float, top_p: float,
