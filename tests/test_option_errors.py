@@ -387,3 +387,27 @@ def test_chat_shows_control_characters_as_escapes():
     assert written == ["assistant> fine\\rHACKED \\x1b[2J\\x07 tab\there\nnext line \\x85 caf\u00e9 \u2014 "
                        "\U0001f600 \\x7f"]
     assert turns[0].reply.text == raw  # the history keeps what the model wrote: only the display is escaped
+
+
+# -------------------------------------------------------------------------------------------------- the docs
+
+
+def test_docs_state_k3_and_the_value_loss_as_computed():
+    import dataclasses
+
+    import torch
+
+    from rlhfkit.ppo import core
+    from rlhfkit.ppo.config import PPOConfig
+
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(PPOConfig) if f.name == "kl_estimator")
+    assert "r = log pi - log pi_ref" in help_text and "k3 = exp(-r) - 1 + r" in help_text
+    assert "ratio = pi_ref/pi" in help_text  # "ratio - 1 - log ratio" holds only for this ratio
+    r = torch.tensor([[0.5]])
+    assert core.kl_estimate(r, torch.zeros(1, 1), "k3").item() == pytest.approx(float(torch.exp(-r) - 1 + r))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert help_text in readme  # the configuration reference repeats the help
+    assert "loss 0.5 x max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2)" in readme
+    values, returns = torch.tensor([[3.0]]), torch.tensor([[1.0]])
+    loss, _ = core.value_loss(values, values, returns, torch.ones(1, 1, dtype=torch.bool), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 2.0 ** 2)

@@ -60,8 +60,9 @@ class PPOConfig(CommonConfig):
                                              "without stopping", group="reward")
     missing_eos_score: float | None = option(None, "instead, the score such a response gets (after normalisation)",
                                              group="reward")
-    kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1 = log ratio, k2 = (log ratio)^2/2, "
-                                     "k3 = ratio - 1 - log ratio (Schulman 2020)", group="reward",
+    kl_estimator: str = option("k1", "per-token KL estimate in the reward, with r = log pi - log pi_ref: k1 = r, "
+                                     "k2 = r^2/2, k3 = exp(-r) - 1 + r, i.e. ratio - 1 - log ratio for ratio = "
+                                     "pi_ref/pi (Schulman 2020)", group="reward",
                                choices=KL_ESTIMATORS)
     kl_coef: float = option(0.05, "beta, the KL penalty's weight (start value when adaptive; 0.05: TRL)",
                             group="reward")
