@@ -369,8 +369,8 @@ def test_reward_function_needing_a_column_the_prompts_lack(paths, capsys):
     last_line_error(capsys, ["ppo", "--actor", str(paths["model"]), "--reward-fn", f"{rewards}:needs_answer",
                              "--prompts", str(paths["prompts"]), "--output", str(paths["output"]), "--batch-size", "2",
                              "--max-new-tokens", "2", "--max-steps", "1"],
-                    "reward function needs_answer needs the prompt column answer, which the prompt rows do not have "
-                    "(their columns: none besides the prompt)")
+                    "reward function needs_answer: requires the prompt column 'answer', which the prompt rows do not "
+                    "have (their columns: none besides the prompt)")
     assert not (paths["output"] / "final").exists()
 
 

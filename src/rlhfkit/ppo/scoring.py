@@ -89,8 +89,9 @@ def check_reward_columns(fn: Callable, columns: set[str], who: str) -> None:
     missing = [name for name in required_columns(fn) if name not in columns]
     if missing:
         have = ", ".join(sorted(columns)) or "none besides the prompt"
-        raise ConfigError(f"{who} needs the prompt column{'s' * (len(missing) > 1)} {', '.join(missing)}, which "
-                          f"the prompt rows do not have (their columns: {have})")
+        needed = ", ".join(repr(name) for name in missing)
+        raise ConfigError(f"{who}: requires the prompt column{'s' * (len(missing) > 1)} {needed}, which the prompt "
+                          f"rows do not have (their columns: {have})")
 
 
 def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examples: list[PromptExample]
