@@ -219,5 +219,5 @@ def require(condition: bool, message: str) -> None:
 MAX_SEED = 2**32 - 1
 
 
-def require_seed(seed: int, field: str = "seed") -> None:
-    require(0 <= seed <= MAX_SEED, f"{field}: must be in [0, {MAX_SEED}] (2**32 - 1), got {seed}")
+def require_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, f"seed: must be in [0, {MAX_SEED}] (2**32 - 1), got {seed}")

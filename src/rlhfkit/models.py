@@ -300,8 +300,8 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:  # what peft refuses that the check above did not foresee
-        raise ConfigError(f"lora_target_modules: peft refused {', '.join(targets)}: {' '.join(str(exc).split())}"
-                          ) from exc
+        raise ConfigError(f"lora_target_modules: peft refused {', '.join(target_modules)}: "
+                          f"{' '.join(str(exc).split())}") from exc
     if task == "SEQ_CLS":  # make sure the head trains even for architectures peft does not know
         for name, param in peft_model.named_parameters():
             if f".{head_name(model)}." in f".{name}" and "modules_to_save" in name:
