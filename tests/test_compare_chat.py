@@ -16,7 +16,7 @@ from rlhfkit.data.encode import EncodeStats, encode_prompt, tokenize_segments
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import render
 from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
-from rlhfkit.tools.chat import chat_loop, model_responder
+from rlhfkit.tools.chat import chat_loop, model_responder, printable
 from rlhfkit.tools.compare import compare_models, parse_models
 from rlhfkit.tools.generation import generate_responses
 
@@ -150,7 +150,7 @@ def test_compare_cli_writes_json_and_prints_table(stopping_llama, tiny_models, t
     out = tmp_path / "results.json"
     code = main(["compare", "--models", f"base={tiny_models['gpt2']}", f"tuned={stopping_llama}",
                  "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", str(MAX_NEW),
-                 "--output", str(out)])
+                 "--max-prompt-len", "256", "--output", str(out)])  # prompt + response within GPT-2's 512 positions
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads(out.read_text())
@@ -194,7 +194,9 @@ def test_chat_clear_and_exit(tiny_models, tokenizer):
     assert len(turns) == 2
     assert turns[0].prompt == "<s>\n\nHuman: hello\n\nAssistant:"
     assert turns[1].prompt == "<s>\n\nHuman: hi again\n\nAssistant:"  # the first turn is forgotten
-    assert written == [f"assistant> {turns[0].reply.text}", "(history cleared)", f"assistant> {turns[1].reply.text}"]
+    # the tiny model's replies hold control characters (\x12): printed as escapes
+    assert written == [f"assistant> {printable(turns[0].reply.text)}", "(history cleared)",
+                       f"assistant> {printable(turns[1].reply.text)}"]
     assert turns[0].reply.n_tokens == 4 and turns[0].reply.text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -73,6 +74,8 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             kind = "a whole number" if scalar is int else "a number"
             raise ConfigError(f"{name}: expected {kind}, got {value!r}") from None
+        if scalar is float and not math.isfinite(number):  # no field means anything by nan or inf; they only poison
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
         return number
     if scalar is str:
         if isinstance(value, (dict, list)):
@@ -83,7 +86,26 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{name}: unsupported value {value!r}")
 
 
+# Names other frameworks (Hugging Face Trainer, TRL, OpenRLHF) use for fields rlhfkit spells differently: spelling
+# alone would not find these (`--learning-rate` is closer to `--eval-data` than to `--lr`).
+ALIASES = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "n_epochs": "epochs",
+    "train_batch_size": "batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "micro_batch_size", "warmup_ratio": "warmup_steps",
+    "lr_scheduler_type": "lr_schedule", "max_seq_length": "max_len", "max_length": "max_len",
+    "model_name_or_path": "model", "output_dir": "output", "resume_from_checkpoint": "resume",
+    "save_steps": "save_every", "logging_steps": "log_every", "eval_steps": "eval_every", "lora_rank": "lora_r",
+    "init_kl_coef": "kl_coef", "kl_coeff": "kl_coef", "train_file": "data", "dataset": "data",
+}
+
+
 def _closest(name: str, candidates: list[str]) -> str:
+    """A hint naming the candidate (a flag or a YAML key, as `candidates` spell them) the user probably meant."""
+    alias = ALIASES.get(name.lstrip("-").replace("-", "_"))
+    if alias is not None:
+        spelled = flag_name(alias) if name.startswith("--") else alias
+        if spelled in candidates:
+            return f" (did you mean {spelled}?)"
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f" (did you mean {match[0]}?)" if match else ""
 
@@ -193,3 +215,11 @@ def write_config(config: Any, path: str | Path) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+# numpy's range; it also keeps the streams derived from a seed (seed * 1_000_003 + step) within torch's 64 bits.
+MAX_SEED = 2**32 - 1
+
+
+def require_seed(seed: int) -> None:
+    require(0 <= seed <= MAX_SEED, f"seed: must be in [0, {MAX_SEED}] (2**32 - 1), got {seed}")

@@ -10,24 +10,156 @@ import functools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.config import ConfigError
+
 PAD_TOKEN = "<|pad|>"
 REWARD_STATS_FILE = "reward_stats.json"
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
+# ------------------------------------------------------------------------------- checks before anything loads
+def model_source_problem(path: str) -> str | None:
+    """Why `path` cannot be loaded as a model, in one line, or None: it must be a local model folder (config.json
+    and weights, or a LoRA adapter folder) or a hub id that the hub, or its cache here, can provide."""
+    local = Path(path)
+    if local.is_file():
+        return f"{path} is a file; expected a model folder (config.json and weights) or a hub id"
+    if local.is_dir():
+        return _folder_problem(local)
+    if not path or path.count("/") > 1 or path.startswith((".", "/")):  # cannot be a hub id (owner/name or name)
+        return f"{path} does not exist"
+    return _hub_problem(path)
+
+
+def _folder_problem(folder: Path) -> str | None:
+    if (folder / "adapter_config.json").is_file():
+        if not any(folder.glob("adapter_model.*")):
+            return f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors)"
+        problem = model_source_problem(adapter_base(str(folder)))
+        return None if problem is None else f"{folder} is a LoRA adapter whose base model cannot load: {problem}"
+    if not (folder / "config.json").is_file():
+        names = sorted(p.name for p in folder.iterdir())
+        held = "it is empty" if not names else "it holds " + ", ".join(names[:5]) + (", ..." if names[5:] else "")
+        return f"{folder} is not a model folder: it has no config.json ({held}){_run_hint(folder)}"
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        return f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)"
+    return None
+
+
+def _run_hint(folder: Path) -> str:
+    """Where the model is when `folder` is one of rlhfkit's run or checkpoint folders."""
+    if (folder / "final" / "config.json").is_file():
+        return f"; did you mean {folder / 'final'}?"
+    if (folder / "state.json").is_file():
+        return "; a training checkpoint continues with --resume, the trained model is in the run's final/"
+    return ""
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """None when the hub (or its cache here) has `repo_id`'s config.json. One request without retries: a download
+    would retry an unreachable hub for most of a minute before failing."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+        return None
+    except GatedRepoError:
+        reason = "it is gated: accept its terms on the hub and log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        reason = "no such model, or a private one: check the name, or log in with `hf auth login`"
+    except EntryNotFoundError:
+        reason = "it has no config.json, so it is not a transformers model"
+    except OfflineModeIsEnabled:
+        reason = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache"
+    except Exception as exc:  # no network, a timeout, a bad name: whatever it is, say it in one line
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{repo_id} is not a local folder, and the hub could not provide it ({reason})"
+
+
+# A kernel on the hub, `owner/repo[@revision][:function]` (transformers' `is_kernel` pattern).
+HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+
+def attn_implementation_problem(name: str) -> str | None:
+    """None for an attention implementation transformers knows (its own registry, so a newer kernel is accepted
+    too) or a hub kernel; whether the model and this machine support it shows when the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name in known or name.removeprefix("paged|") in known or HUB_KERNEL.match(name):
+        return None
+    return f"expected one of {', '.join(known)} or a hub kernel such as kernels-community/flash-attn2, got {name!r}"
+
+
+# Architectures whose positions are a learned table: a longer sequence indexes past its end and the run dies mid-way
+# (IndexError). Rotary and ALiBi models run past the length they were trained on, only less well.
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt")
+
+
+def check_positions(needs: list[tuple[str, str, int, str]]) -> None:
+    """For each (path, field, tokens, what): refuse sequences of `tokens` (what `what` adds up to) beyond a learned
+    position table of the model at `path`, then warn where they exceed the positions a rotary model was trained with.
+    Reads only the models' configs."""
+    warnings = []
+    for path, field, tokens, what in needs:
+        config = _model_config(path, field)
+        limit = getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int) or tokens <= limit:
+            continue
+        if config.model_type in LEARNED_POSITIONS:
+            raise ConfigError(f"{what}: {tokens} tokens exceed the {limit} positions of {field} {path} "
+                              f"({config.model_type} has a learned table of {limit} positions, and a longer sequence "
+                              f"crashes); use at most {limit}")
+        warnings.append(f"warning: {what}: {tokens} tokens exceed the {limit} positions {field} {path} was trained "
+                        "with (max_position_embeddings); it runs, but the model has not learned such lengths")
+    for warning in warnings:
+        logging.getLogger("rlhfkit").warning(warning)
+
+
+def _model_config(path: str, field: str):
+    """The model's transformers config (a LoRA adapter folder's base model's); a ConfigError when unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(adapter_base(path) or path)
+    except (OSError, ValueError, KeyError) as exc:  # bad JSON, an unknown model_type
+        raise ConfigError(f"{field}: cannot read the config of {path} ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- loading
 def load_tokenizer(path: str):
     """The model's tokenizer with a pad token distinct from EOS (one is added when missing or shared)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # a folder without tokenizer files, or files transformers cannot read
+        if Path(path).is_dir() and not any(_is_tokenizer_file(p.name) for p in Path(path).iterdir()):
+            raise ConfigError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json) beside the "
+                              "model; copy them from the model it was made from") from exc
+        raise ConfigError(f"{path}: cannot load its tokenizer ({_first_line(exc)})") from exc
     if tokenizer.eos_token is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token; every response must end with one")
+        raise ConfigError(f"{path}: the tokenizer has no EOS token; every response must end with one")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece", "merges")) or name.endswith((".model", ".tiktoken"))
 
 
 def _fit_vocab(model, tokenizer, seed: int) -> None:
@@ -50,12 +182,25 @@ def _finish(model, gradient_checkpointing: bool):
     return model
 
 
+def _from_pretrained(auto_class, path: str, attn_implementation: str, **kwargs):
+    """`auto_class.from_pretrained`, with a kernel this model or machine cannot run as a one-line ConfigError."""
+    try:
+        return auto_class.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation, **kwargs)
+    except (ImportError, ValueError) as exc:
+        # transformers says "attn_implementation" when the model lacks the kernel; an ImportError with a kernel
+        # asked for is its package missing (flash_attn, kernels)
+        kernel_missing = isinstance(exc, ImportError) and attn_implementation not in ("sdpa", "eager")
+        if kernel_missing or "attn_implementation" in str(exc):
+            raise ConfigError(f"attn_implementation: {attn_implementation} cannot be used with {path} here "
+                              f"({_first_line(exc)})") from exc
+        raise
+
+
 def load_causal_lm(path: str, tokenizer, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                    seed: int = 0):
     """A causal LM in float32 (bf16 runs as autocast on top of fp32 master weights)."""
     base = adapter_base(path)
-    model = AutoModelForCausalLM.from_pretrained(base or path, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    model = _from_pretrained(AutoModelForCausalLM, base or path, attn_implementation)
     _fit_vocab(model, tokenizer, seed)
     if base:
         model = _load_adapter(model, path)
@@ -66,9 +211,8 @@ def load_sequence_classifier(path: str, tokenizer, *, attn_implementation: str =
                              gradient_checkpointing: bool = False, seed: int = 0):
     """A one-label sequence classifier. From a causal LM (an SFT model) the score head is new: std 1/sqrt(hidden+1)."""
     base = adapter_base(path)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        base or path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation,
-        output_loading_info=True)
+    model, info = _from_pretrained(AutoModelForSequenceClassification, base or path, attn_implementation,
+                                  num_labels=1, output_loading_info=True)
     head = score_head(model)
     if any(key.split(".")[0] == head_name(model) for key in info["missing_keys"]):
         with torch.random.fork_rng():
@@ -147,14 +291,43 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     """Wrap with a peft LoRA adapter; task "CAUSAL_LM" or "SEQ_CLS" (whose score head stays trainable and saved)."""
     from peft import LoraConfig, get_peft_model
 
+    # `--lora-target-modules q_proj,v_proj` arrives as one item (flags split lists on spaces, YAML on commas)
+    target_modules = [t.strip() for item in target_modules for t in item.split(",") if t.strip()]
     targets = "all-linear" if target_modules in (["all-linear"], ["all"]) else target_modules
+    if targets != "all-linear":
+        _check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # what peft refuses that the check above did not foresee
+        raise ConfigError(f"lora_target_modules: peft refused {', '.join(target_modules)}: "
+                          f"{' '.join(str(exc).split())}") from exc
     if task == "SEQ_CLS":  # make sure the head trains even for architectures peft does not know
         for name, param in peft_model.named_parameters():
             if f".{head_name(model)}." in f".{name}" and "modules_to_save" in name:
                 param.requires_grad_(True)
     return peft_model
+
+
+def _check_lora_targets(model, targets: list[str]) -> None:
+    """Every target must name (peft's rule: the full name or its last parts) at least one layer LoRA can adapt. peft
+    only fails when no name matches, so a misspelt one among several would quietly adapt fewer layers than asked."""
+    modules = dict(model.named_modules())
+    layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if _adaptable(m)})
+    for target in targets:
+        matched = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        if not matched:
+            raise ConfigError(f"lora_target_modules: no module of this model is named {target!r}; its layers are "
+                              f"{', '.join(layers)} (or all-linear)")
+        if not any(_adaptable(m) for m in matched):
+            raise ConfigError(f"lora_target_modules: {target!r} is a {type(matched[0]).__name__}, not a layer LoRA "
+                              f"can adapt; this model's are {', '.join(layers)} (or all-linear)")
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A layer type peft's LoRA wraps (quantised linear layers included, by their names)."""
+    name = type(module).__name__
+    return "Linear" in name or name in ("Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
 
 
 def is_peft(model) -> bool:

@@ -44,6 +44,8 @@ def parse_spec(spec: str) -> tuple[str, float]:
             value = float(weight)
         except ValueError:
             return spec, 1.0
+        if not value < float("inf"):  # nan or inf: no number of copies
+            raise DataError(None, None, f"{spec}: the mixing weight must be a finite number")
         if value < 0:
             raise DataError(None, None, f"{spec}: the mixing weight must be >= 0")
         return path, value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhfkit.config import ConfigError
 from rlhfkit.data.formats import Message
 
 TEMPLATES = ("auto", "tokenizer", "human-assistant", "alpaca", "chatml")
@@ -53,7 +54,9 @@ def resolve_template(name: str, tokenizer) -> str:
     if name == "auto":
         return "tokenizer" if getattr(tokenizer, "chat_template", None) else "human-assistant"
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template 'tokenizer' asked for, but the tokenizer has no chat template")
+        source = getattr(tokenizer, "name_or_path", "")
+        raise ConfigError(f"template: 'tokenizer' asked for, but the tokenizer has no chat template ({source}); "
+                          "choose auto, human-assistant, alpaca or chatml")
     return name
 
 
@@ -116,5 +119,5 @@ def _render_with_tokenizer(messages: list[Message], tokenizer, generation_prompt
 
 def _check_prefix(prefix: str, text: str) -> None:
     if not text.startswith(prefix):
-        raise ValueError("the tokenizer's chat template does not render conversations incrementally (a longer "
-                         "conversation does not start with the shorter one); choose a built-in template instead")
+        raise ConfigError("template: the tokenizer's chat template does not render conversations incrementally (a "
+                          "longer conversation does not start with the shorter one); choose a built-in template")

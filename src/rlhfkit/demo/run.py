@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import make_config, option
+from rlhfkit.config import make_config, option, require_seed
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
 from rlhfkit.demo.report import write_report
@@ -37,7 +37,7 @@ class DemoConfig:
     quick: bool = option(False, "a much smaller run (the test suite's): same stages, far fewer steps")
 
     def check(self) -> None:
-        pass
+        require_seed(self.seed)
 
 
 # Stage settings. Full: about the 10-minute budget on 2 CPU cores; quick: well under a minute of training.

@@ -60,8 +60,9 @@ class PPOConfig(CommonConfig):
                                              "without stopping", group="reward")
     missing_eos_score: float | None = option(None, "instead, the score such a response gets (after normalisation)",
                                              group="reward")
-    kl_estimator: str = option("k1", "per-token KL estimate in the reward: k1 = log ratio, k2 = (log ratio)^2/2, "
-                                     "k3 = ratio - 1 - log ratio (Schulman 2020)", group="reward",
+    kl_estimator: str = option("k1", "per-token KL estimate in the reward, with r = log pi - log pi_ref: k1 = r, "
+                                     "k2 = r^2/2, k3 = exp(-r) - 1 + r, i.e. ratio - 1 - log ratio for ratio = "
+                                     "pi_ref/pi (Schulman 2020)", group="reward",
                                choices=KL_ESTIMATORS)
     kl_coef: float = option(0.05, "beta, the KL penalty's weight (start value when adaptive; 0.05: TRL)",
                             group="reward")
@@ -157,6 +158,18 @@ class PPOConfig(CommonConfig):
         require(self.ptx_batch_size >= 0, f"ptx_batch_size: must be >= 0, got {self.ptx_batch_size}")
         require(self.sample_every >= 0, f"sample_every: must be >= 0, got {self.sample_every}")
         require(self.num_samples >= 0, f"num_samples: must be >= 0, got {self.num_samples}")
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        """Every model sees a prompt and its response; the actor also PTX rows of max_len."""
+        from rlhfkit.models import check_positions
+
+        tokens = self.max_prompt_len + self.max_new_tokens
+        what = f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})"
+        needs = [(getattr(self, f), f, tokens, what) for f in ("actor", "ref", "critic", "reward") if getattr(self, f)]
+        if self.use_ptx:
+            needs.append((self.actor, "actor", self.max_len, "max_len (PTX rows)"))
+        check_positions(needs)
 
     @property
     def mini_batch(self) -> int:

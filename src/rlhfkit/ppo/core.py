@@ -86,7 +86,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     """Per-token estimate of KL(policy || reference) from sampled tokens: (B, R), (B, R) -> (B, R).
 
     With r = log pi(y) - log pi_ref(y) for y sampled from pi (Schulman, "Approximating KL divergence", 2020):
-    k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, low variance), k3 = exp(-r) - 1 + r (unbiased, >= 0).
+    k1 = r (unbiased, can be negative), k2 = r^2 / 2 (biased, low variance), k3 = exp(-r) - 1 + r (unbiased, >= 0):
+    Schulman's "ratio - 1 - log ratio" with ratio = pi_ref / pi, the inverse of the ratio in r.
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":

@@ -50,7 +50,50 @@ def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"{field}: {target} has no function {name!r}")
+    problem = signature_problem(fn)
+    if problem:
+        raise ConfigError(f"{field}: {spec} {problem}")
     return fn
+
+
+CALLED_AS = "fn(prompts, responses, **prompt_columns)"
+
+
+def signature_problem(fn: Callable) -> str | None:
+    """Why `fn` cannot be called as CALLED_AS, or None. Its required parameters after the first two can only be
+    prompt columns: whether the rows have them is `check_reward_columns`'s to say."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: the call will tell
+        return None
+    try:
+        signature.bind([], [], **{name: [] for name in required_columns(fn)})
+    except TypeError as exc:
+        return f"takes {signature}, but is called as {CALLED_AS} ({exc})"
+    return None
+
+
+def required_columns(fn: Callable) -> list[str]:
+    """The parameters without a default that `fn` takes after prompts and responses: the prompt columns it needs."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kind = inspect.Parameter
+    positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    rest = positional[2:] + [p for p in params if p.kind is kind.KEYWORD_ONLY]
+    # a positional-only one cannot be passed by name: signature_problem reports it
+    return [p.name for p in rest if p.default is p.empty and p.kind is not kind.POSITIONAL_ONLY]
+
+
+def check_reward_columns(fn: Callable, columns: set[str], who: str) -> None:
+    """A ConfigError when `fn` requires prompt columns that are not among `columns` (those of the prompt rows)."""
+    missing = [name for name in required_columns(fn) if name not in columns]
+    if missing:
+        have = ", ".join(sorted(columns)) or "none besides the prompt"
+        needed = ", ".join(repr(name) for name in missing)
+        raise ConfigError(f"{who}: requires the prompt column{'s' * (len(missing) > 1)} {needed}, which the prompt "
+                          f"rows do not have (their columns: {have})")
 
 
 def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], examples: list[PromptExample],

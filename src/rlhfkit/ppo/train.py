@@ -35,8 +35,8 @@ from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
                                  pad_responses, response_logprobs)
-from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, load_reward_fn, same_vocabulary,
-                                 shape_scores)
+from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, check_reward_columns,
+                                 load_reward_fn, same_vocabulary, shape_scores)
 from rlhfkit.sft.train import collate as collate_lm, sft_loss
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler, rows_per_pass, run_state,
@@ -404,6 +404,10 @@ def run_ppo(config: PPOConfig) -> Path:
 
     # Data before models, so that bad rows stop the run before anything loads.
     prompts = _load(config.prompts, "prompt", config, out)
+    columns = {key for example in prompts for key in example.extra}
+    for field, fn in (("reward_fn", reward_fn), ("monitor_fn", monitor_fn)):
+        if fn is not None:  # a column the function requires but the rows lack: say so before any model loads
+            check_reward_columns(fn, columns, f"{field} {getattr(config, field)}")
     ptx_rows = _load(config.ptx_data, "text", config, out) if config.use_ptx else []
     tokenizer = load_tokenizer(config.actor)
     template = resolve_template(config.template, tokenizer)

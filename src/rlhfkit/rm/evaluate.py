@@ -10,11 +10,11 @@ import torch
 
 from rlhfkit.config import option, require
 from rlhfkit.data.encode import EncodeStats
-from rlhfkit.data.loading import check_spec_exists, load_examples
+from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import load_sequence_classifier, load_tokenizer
+from rlhfkit.models import check_positions, load_sequence_classifier, load_tokenizer
 from rlhfkit.rm.train import encode_pairs, pair_metrics, score_pairs
-from rlhfkit.training.common import log, setup_logging
+from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
 
 @dataclass
@@ -34,11 +34,12 @@ class EvalRMConfig:
     def check(self) -> None:
         require(bool(self.model), "model: required")
         require(bool(self.data), "data: required")
-        for spec in self.data:
-            problem = check_spec_exists(spec)
-            require(problem is None, f"data: {problem}")
+        check_model_path(self.model, "model")
+        check_data_specs(self.data, "data")
+        check_output_file(self.output, "output")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         require(self.max_len >= 8, f"max_len: must be >= 8, got {self.max_len}")
+        check_positions([(self.model, "model", self.max_len, "max_len")])
 
 
 def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
@@ -70,10 +71,11 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
 def _print_table(tokenizer, encoded, chosen, rejected, metrics, show: int) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    def text(ids: list[int], limit: int = 80) -> str:
+    def text(ids: list[int], limit: int = 80) -> Text:  # Text, not markup: "[/b]" in the data would crash the table
         s = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
-        return s if len(s) <= limit else "..." + s[-limit:]
+        return Text(s if len(s) <= limit else "..." + s[-limit:])
 
     table = Table(title="reward model on preference pairs")
     for column in ("prompt", "chosen", "score", "rejected", "score", "ok"):

@@ -8,15 +8,16 @@ PPO prompt does). `/clear` starts a new conversation, `/exit` or end of input qu
 from __future__ import annotations
 
 import itertools
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 
-from rlhfkit.config import option, require
+from rlhfkit.config import option, require, require_seed
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import default_device, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_positions, default_device, load_causal_lm, load_tokenizer
 from rlhfkit.tools.generation import Response, generate_from_ids
 from rlhfkit.training.common import check_model_path, setup_logging
 
@@ -42,6 +43,9 @@ class ChatConfig:
         require(self.max_prompt_len >= 8, f"max_prompt_len: must be >= 8, got {self.max_prompt_len}")
         require(self.temperature >= 0, f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        require_seed(self.seed)
+        check_positions([(self.model, "model", self.max_prompt_len + self.max_new_tokens,
+                          f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})")])
 
 
 @dataclass
@@ -71,8 +75,15 @@ def chat_loop(lines: Iterable[str], write: Callable[[str], None], respond: Calla
         turn = respond(history)
         history.append(Message("assistant", turn.reply.text))
         turns.append(turn)
-        write(f"assistant> {turn.reply.text}")
+        write(f"assistant> {printable(turn.reply.text)}")
     return turns
+
+
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: control characters but newline and tab are shown as escapes (\\r, \\x1b,
+    ...). A model's `\\r` once overwrote the prompt; an escape sequence could recolour or clear the screen."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def model_responder(model, tokenizer, template: str, *, max_new_tokens: int, temperature: float, top_p: float,

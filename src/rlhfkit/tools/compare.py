@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rlhfkit.config import ConfigError, option, require
+from rlhfkit.config import ConfigError, option, require, require_seed
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import default_device, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhfkit.models import (check_positions, default_device, load_causal_lm, load_sequence_classifier,
+                            load_tokenizer)
 from rlhfkit.tools.generation import generate_responses, score_responses
-from rlhfkit.training.common import check_data_specs, check_model_path, log, setup_logging
+from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
 
 @dataclass
@@ -50,6 +51,15 @@ class CompareConfig:
         require(self.temperature >= 0, f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         require(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        require_seed(self.seed)
+        check_output_file(self.output, "output")
+        # every model, and the reward model after it, sees a prompt and its response
+        tokens = self.max_prompt_len + self.max_new_tokens
+        what = f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})"
+        needs = [(path, "model", tokens, what) for path in parse_models(self.models).values()]
+        if self.reward_model:
+            needs.append((self.reward_model, "reward_model", tokens, what))
+        check_positions(needs)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:
@@ -84,16 +94,20 @@ def compare_models(models: dict[str, str], examples: list[PromptExample], *, tem
     Models are loaded one at a time, so comparing three models costs the memory of one (plus the reward model).
     """
     device = default_device()
+    # every tokenizer and template first: a template mistake stops the comparison before any model loads
+    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}
+    templates = {name: resolve_template(template, tok) for name, tok in tokenizers.items()}
     reward = None
     if reward_model:
         reward_tokenizer = load_tokenizer(reward_model)
+        reward_template = resolve_template(template, reward_tokenizer)
         reward = (load_sequence_classifier(reward_model, reward_tokenizer).to(device), reward_tokenizer,
-                  resolve_template(template, reward_tokenizer))
+                  reward_template)
     rows = [{"prompt": prompt_text(ex), "responses": {}} for ex in examples]
     for name, path in models.items():
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizers[name]
         model = load_causal_lm(path, tokenizer).to(device)
-        responses = generate_responses(model, tokenizer, examples, resolve_template(template, tokenizer),
+        responses = generate_responses(model, tokenizer, examples, templates[name],
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                        seed=seed, batch_size=batch_size, max_prompt_len=max_prompt_len)
         del model
@@ -121,6 +135,7 @@ def run_compare(config: CompareConfig) -> list[dict]:
                           reward_model=config.reward_model)
     print_table(rows, list(models))
     if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps({"models": models, "rows": rows}, indent=2, ensure_ascii=False),
                                        encoding="utf-8")
         log.info(f"wrote {len(rows)} rows to {config.output}")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import ConfigError, option, require, to_dict, write_config
+from rlhfkit.config import ConfigError, option, require, require_seed, to_dict, write_config
 from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
+from rlhfkit.data.readers import DataError
 from rlhfkit.training.checkpoint import checkpoint_problem, latest_checkpoint, previous_intact, read_state
 from rlhfkit.training.distributed import World, init_world, unwrap
 from rlhfkit.training.guards import TrainingError, check_finite
@@ -105,6 +106,7 @@ class CommonConfig:
         for name in ("save_every", "log_every"):
             require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
         require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
+        require_seed(self.seed)
         require(self.max_bad_steps >= 1, f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
         require(self.nproc >= 0, f"nproc: must be >= 0, got {self.nproc}")
         require(self.nproc <= 1 or self.strategy != "single",
@@ -116,6 +118,10 @@ class CommonConfig:
         for name in self.resume_allow:
             require(name in fields, f"resume_allow: {name!r} is not a setting of this stage")
         require(not (self.resume and self.overwrite), "overwrite: cannot be combined with --resume")
+        from rlhfkit.models import attn_implementation_problem
+
+        problem = attn_implementation_problem(self.attn_implementation)
+        require(problem is None, f"attn_implementation: {problem}")
 
     @property
     def micro(self) -> int:
@@ -144,18 +150,37 @@ class SupervisedConfig(CommonConfig):
                 f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
         require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
         require(self.eval_every >= 0, f"eval_every: must be >= 0, got {self.eval_every}")
+        from rlhfkit.models import check_positions
+
+        check_positions([(self.model, "model", self.max_len, "max_len")])
 
 
 def check_data_specs(specs: list[str], field: str) -> None:
     for spec in specs:
-        problem = check_spec_exists(spec)
+        try:
+            problem = check_spec_exists(spec)
+        except DataError as exc:  # a bad PATH:WEIGHT
+            problem = str(exc)
         require(problem is None, f"{field}: {problem}")
 
 
 def check_model_path(path: str, field: str) -> None:
-    """A local folder that exists, or something shaped like a hub id (owner/name or name)."""
-    require(Path(path).exists() or (path.count("/") <= 1 and not path.startswith((".", "/"))),
-            f"{field}: {path} does not exist")
+    """A local model folder, or a hub id the hub can provide (see `model_source_problem`)."""
+    from rlhfkit.models import model_source_problem
+
+    problem = model_source_problem(path)
+    require(problem is None, f"{field}: {problem}")
+
+
+def check_output_file(path: str, field: str) -> None:
+    """A file a tool writes when it is done: what would stop the write then is refused now, before the work."""
+    if not path:
+        return
+    target = Path(path)
+    require(not target.is_dir(), f"{field}: {path} is a folder; give the file to write, e.g. {target / 'results.json'}")
+    existing = next(p for p in target.absolute().parents if p.exists())
+    require(existing.is_dir(), f"{field}: cannot create {path}: {existing} is a file")
+    require(os.access(existing, os.W_OK), f"{field}: cannot create {path}: {existing} is not writable")
 
 
 class _CurrentStderr(logging.StreamHandler):
