@@ -50,10 +50,11 @@ def _convert(name: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise a ConfigError naming the field."""
     scalar, is_list = _base_type(annotation)
     if is_list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
+        # `a,b` means two items, from YAML or a flag alike (`--resume-allow lr,kl_coef`, `--lora-target-modules q,v`)
+        parts = [p for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+        value = [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
         return [_convert(name, v, scalar) for v in value]
     if value is None:
         return None

@@ -114,7 +114,6 @@ class CommonConfig:
         require(self.dist_timeout_s > 0, f"dist_timeout_s: must be > 0, got {self.dist_timeout_s}")
         require(self.strategy == "fsdp" or not self.fsdp_cpu_offload, "fsdp_cpu_offload: needs --strategy fsdp")
         fields = {f.name for f in dataclasses.fields(self)}
-        self.resume_allow = [n.strip() for item in self.resume_allow for n in item.split(",") if n.strip()]
         for name in self.resume_allow:
             require(name in fields, f"resume_allow: {name!r} is not a setting of this stage")
         require(not (self.resume and self.overwrite), "overwrite: cannot be combined with --resume")
