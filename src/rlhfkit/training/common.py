@@ -242,7 +242,10 @@ def start_run(config: CommonConfig, stage: str) -> tuple[Path, Resume | None, Wo
                               "it, --overwrite to replace it, or choose another --output")
         if previous and world.main:
             for name in previous:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
         world.barrier()
     if world.main:
         _writable(out)
@@ -478,8 +481,8 @@ def write_model(model, tokenizer, folder: Path, world: World, **kwargs) -> Path:
             else:
                 shutil.rmtree(tmp)
     if world.sum([float(bad is not None)])[0]:
-        raise TrainingError(f"{folder.name}: tensor {bad} of the model as written is not finite (a merged LoRA "
-                            "adapter can overflow where its factors did not); nothing was saved")
+        raise TrainingError(f"{folder.name}: tensor {bad or '(named on rank 0)'} of the model as written is not "
+                            "finite (a merged LoRA adapter can overflow where its factors did not); nothing was saved")
     return folder
 
 
