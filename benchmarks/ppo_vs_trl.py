@@ -8,12 +8,12 @@ model and the starting critic/value model):
     M: hidden 512, 8 layers, 8 heads, FFN 2048 (~30M); 64 prompts x 128 new tokens, 1 PPO epoch, one minibatch
 
 Each side runs in a fresh process, the sides alternate (rlhfkit, TRL, rlhfkit, ...), and every process uses the same
-number of threads. TRL 1.12 is installed with `--trl` into a throwaway venv (runs/bench-trl-venv; it reuses this
-environment's torch and transformers) and runs from benchmarks/trl_side.py. The table gives medians over all timed
-iterations (the first of each run, which includes warm-up, is left out); "forward" is every no-gradient pass after
-sampling (reward, reference log-probs, values: both sides keep the sampling logits as the old log-probs); "train"
-is the PPO epochs. The efficiency table divides each phase's model
-FLOPs by its time and compares that with the matrix-product rate measured in the same run.
+number of threads. TRL 1.12 is installed with `--trl` into a throwaway venv (runs/bench-trl-venv; it runs this
+environment's torch and transformers, pinned, and each side prints the versions it ran) and runs from
+benchmarks/trl_side.py. The table gives medians over all timed iterations (the first of each run, which includes
+warm-up, is left out); "forward" is every no-gradient pass after sampling (reward, reference log-probs, values: both
+sides keep the sampling logits as the old log-probs); "train" is the PPO epochs. The efficiency table divides each
+phase's model FLOPs by its time and compares that with the matrix-product rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -71,14 +71,36 @@ def build(work: Path, cfg: dict, iterations: int) -> dict:
 
 
 def trl_python(out: Path) -> str:
-    """The Python of a venv that has TRL 1.12 (created on first use), sharing this environment's packages."""
+    """The Python of a venv that has TRL 1.12 (created on first use) and runs this interpreter's torch and
+    transformers.
+
+    The venv sees this environment's packages through a .pth file naming its site-packages (`--system-site-packages`
+    would show the base interpreter's instead, which a user's venv does not install into), and pip installs TRL
+    under constraints that pin torch and transformers to the versions running here: pip then finds them installed
+    and never pulls another build (a CUDA torch of several GB). The versions the venv imports are checked."""
+    import site
+    import transformers
+
     venv = out / "bench-trl-venv"
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    (Path(purelib) / "rlhfkit-bench-parent.pth").write_text("".join(p + "\n" for p in ours))
+    constraints = out / "bench-trl-constraints.txt"
+    constraints.write_text(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
+    probe = "import json, torch, transformers; print(json.dumps([torch.__version__, transformers.__version__]))"
     check = subprocess.run([str(python), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
     if check.stdout.strip() != TRL_VERSION:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}", "-c", str(constraints)],
+                       check=True)
+    seen = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                                     check=True).stdout)
+    if seen != [torch.__version__, transformers.__version__]:
+        raise SystemExit(f"the TRL venv {venv} imports torch {seen[0]} and transformers {seen[1]}, this process "
+                         f"torch {torch.__version__} and transformers {transformers.__version__}: delete {venv}")
     return str(python)
 
 
@@ -104,7 +126,11 @@ def run_rlhfkit(work: Path, out_file: Path, cfg: dict, args) -> None:
     iterations = [{"time_iteration": r["time_iteration"], "time_generate": r["time_generate"],
                    "time_forward": r["time_score"] + r["time_experience"], "time_train": r["time_train"],
                    "response_tokens": r["response_length"] * cfg["prompts"]} for r in records]
+    import transformers
+
     out_file.write_text(json.dumps({"side": "rlhfkit", "iterations": iterations, "threads": torch.get_num_threads(),
+                                    "versions": {"torch": torch.__version__,
+                                                 "transformers": transformers.__version__},
                                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                     "dtype": args.dtype}))
 
@@ -205,6 +231,8 @@ def main() -> None:
     rates = {name: matmul_rate(dtype, args.threads, args.matmul_size)
              for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     summary = {s: summarise(r) for s, r in results.items()}
+    for side, runs in results.items():
+        summary[side]["versions"] = runs[0].get("versions", {})
     report(args, cfg, facts, summary, rates)
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
                                                    "trl_micro": args.trl_micro,
@@ -217,6 +245,8 @@ def report(args, cfg: dict, facts: dict, summary: dict, rates: dict) -> None:
           f"{cfg['prompts']} prompts (mean {facts['prompt_len']:.0f} tokens) x {cfg['new_tokens']} new tokens, "
           f"{cfg['epochs']} PPO epoch(s), {cfg['minibatches']} minibatch; {args.dtype}; {args.threads} threads; "
           f"torch {torch.__version__}")
+    for side, m in summary.items():
+        print(f"{side} ran " + ", ".join(f"{name} {version}" for name, version in m["versions"].items()))
     print("both sides: actor + reference (Llama), reward model + critic (classifier), sampling at temperature 1, "
           "stop at EOS, KL coef 0.05, whitened advantages, no reward normalisation; rlhfkit's micro-batches: its "
           "default (2048 padded tokens per pass); TRL's training micro-batch: "

@@ -98,7 +98,11 @@ def main() -> None:
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=dataset, callbacks=[Clock()])
     trainer.train()
+    import transformers
+
     result = {"side": "trl", "version": trl.__version__, "iterations": per_iteration,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "trl": trl.__version__},
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "threads": torch.get_num_threads(), "dtype": args.dtype}
     with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""Small models made locally: a byte-level BPE tokenizer trained in seconds and tiny Llama, GPT-2 and OPT models.
+"""Small models made locally: a byte-level BPE tokenizer trained in seconds and tiny Llama, GPT-2, OPT, Qwen2 and
+GPT-NeoX models.
 
 Used by the tests, the offline demo and the benchmarks, where no model hub is reachable.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
 BOS, EOS = "<s>", "</s>"
 
@@ -50,7 +52,15 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
     if arch == "opt":
         return OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
                          max_position_embeddings=max_positions, word_embed_proj_dim=hidden, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r} (llama, gpt2 or opt)")
+    if arch == "qwen2":  # grouped-query attention (two query heads per key/value head) and biased q/k/v projections
+        return Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           max_position_embeddings=max_positions, tie_word_embeddings=False, **common)
+    if arch == "gpt_neox":  # rotary embeddings on a quarter of each head, parallel residual
+        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                             num_attention_heads=heads, max_position_embeddings=max_positions, rotary_pct=0.25,
+                             tie_word_embeddings=False, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r} (llama, gpt2, opt, qwen2 or gpt_neox)")
 
 
 def make_tiny_model(arch: str, tokenizer, out_dir: str | Path, *, seed: int = 0, **sizes) -> Path:

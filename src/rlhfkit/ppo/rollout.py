@@ -11,19 +11,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rlhfkit.data.batching import chunks
 from rlhfkit.models import position_ids, token_values
 from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
+from rlhfkit.ppo.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 1.0  # 0 = greedy decoding
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_strings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,31 +49,31 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> Rollout:
-    """Sample one response per prompt; each is cut after its first EOS or stop string, the rest masked.
+    """Sample `sampling.samples_per_prompt` responses per prompt (rows i*G ... i*G + G - 1 answer prompt i); each is
+    cut after its first EOS or stop string, the rest masked.
 
-    `sampling.temperature == 0` decodes greedily (the evaluation tools' default; PPO's config requires > 0)."""
+    rlhfkit's sampler (ppo/sampler.py) decodes; a model it cannot drive is sampled with transformers' `generate`, which
+    gives the same tokens for the same seed, more slowly. `sampling.temperature == 0` decodes greedily (the
+    evaluation tools' default; PPO's config requires > 0)."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    G = sampling.samples_per_prompt
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     device = next(actor.parameters()).device
-    greedy = sampling.temperature == 0
-    # Greedy decoding takes no sampling settings: transformers warns about (and may reject) them with do_sample off.
-    sample_args = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                     "top_k": sampling.top_k}
-    # A config of its own: a model's generation_config.json (repetition penalties, length limits) must not change
-    # what PPO samples.
-    config = GenerationConfig(do_sample=not greedy, **sample_args, max_new_tokens=sampling.max_new_tokens,
-                              eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
-                              stop_strings=list(sampling.stop_strings) or None)
-    extra = {"tokenizer": tokenizer} if sampling.stop_strings else {}
-    recorder = None if greedy else _SampledLogprobs(sampling.temperature)
-    if recorder is not None:
-        extra["logits_processor"] = LogitsProcessorList([recorder])
     actor.eval()
-    out = actor.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                         generation_config=config, **extra)
-    responses = out[:, prompt_ids.shape[1]:]
-    logprobs = recorder.logprobs(responses).cpu() if recorder is not None else None
+    drive = driver(actor)
+    if isinstance(drive, str):
+        report_fallback(actor, drive)
+        responses, logprobs = _hf_generate(actor, prompt_ids.to(device), prompt_mask.to(device), tokenizer, sampling)
+    else:
+        criteria = StopStringCriteria(tokenizer, list(sampling.stop_strings)) if sampling.stop_strings else None
+        samples = sample(actor, drive, prompt_ids.to(device), prompt_mask.to(device), sampling, stop_ids=(eos_id,),
+                         pad_id=pad_id, stop_criteria=criteria)
+        responses, logprobs = samples.tokens, samples.logprobs
     responses = responses.cpu()
+    logprobs = None if logprobs is None else logprobs.cpu()
+    if G > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+        prompts = [p for p in prompts for _ in range(G)]
     is_stop = responses == eos_id
     if sampling.stop_strings:
         is_stop |= stop_string_ends(responses, tokenizer, sampling.stop_strings, prompts)
@@ -88,6 +82,29 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
                    attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
                    prompt_len=prompt_ids.shape[1], response_mask=response_mask, stopped=stopped,
                    logprobs=None if logprobs is None else logprobs.masked_fill(~response_mask, 0.0))
+
+
+def _hf_generate(actor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokenizer, sampling: Sampling
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(responses (N, R), log-probs (N, R) or None) from transformers' `generate`: the sampler's fallback, and the
+    reference its tests compare with."""
+    greedy = sampling.temperature == 0
+    # Greedy decoding takes no sampling settings: transformers warns about (and may reject) them with do_sample off.
+    sample_args = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                     "top_k": sampling.top_k}
+    # A config of its own: a model's generation_config.json (repetition penalties, length limits) must not change
+    # what PPO samples.
+    config = GenerationConfig(do_sample=not greedy, **sample_args, max_new_tokens=sampling.max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              use_cache=True, stop_strings=list(sampling.stop_strings) or None,
+                              num_return_sequences=sampling.samples_per_prompt)
+    extra = {"tokenizer": tokenizer} if sampling.stop_strings else {}
+    recorder = None if greedy else _SampledLogprobs(sampling.temperature)
+    if recorder is not None:
+        extra["logits_processor"] = LogitsProcessorList([recorder])
+    out = actor.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **extra)
+    responses = out[:, prompt_ids.shape[1]:]
+    return responses, None if recorder is None else recorder.logprobs(responses)
 
 
 class _SampledLogprobs(LogitsProcessor):

@@ -1,0 +1,233 @@
+"""The rollout sampler against transformers' `generate`: the same tokens, greedy and seeded sampling, on five
+architectures, with left padding, prompts of different lengths, rows that stop at different steps (and so leave the
+batch), several samples per prompt, stop strings, LoRA and bf16; the log-probs it keeps against a full forward
+pass; the fallback to `generate` for a model it cannot drive."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from rlhfkit.models import add_lora
+from rlhfkit.ppo import rollout as rollout_module
+from rlhfkit.ppo import sampler as sampler_module
+from rlhfkit.ppo.rollout import Sampling, generate, response_logprobs
+from rlhfkit.ppo.sampler import draw, driver, warp
+from rlhfkit.tiny import tiny_config
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")]
+
+ARCHS = ("llama", "gpt2", "opt", "qwen2", "gpt_neox")
+PROMPTS = ["\n\nHuman: What color is item 3?\n\nAssistant:", "Hi", "Item 7 is", "blue green", "Human: red?",
+           "x"]
+
+
+def tiny_lm(arch: str | MistralConfig, tokenizer, eos_bias: float = 3.0, seed: int = 0):
+    """A random tiny model (an architecture's name, or a config) whose head has a bias towards EOS, so that rows
+    stop at different steps."""
+    torch.manual_seed(seed)
+    config = arch if isinstance(arch, MistralConfig) else tiny_config(arch, len(tokenizer), hidden=32, layers=2,
+                                                                       heads=4, eos_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[tokenizer.eos_token_id] = eos_bias
+    model.set_output_embeddings(biased)
+    return model.eval()
+
+
+def eos_bias_for_greedy(model, prompts, tokenizer) -> None:
+    """Sets the EOS bias to the 10% quantile of (best logit - EOS logit) over an unbiased greedy decoding, so that
+    greedy responses end at various steps (a tiny random model's logits differ by tenths)."""
+    ids, mask = rollout_module.left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        logits = torch.stack(out.logits, 1)
+        gaps = logits.max(-1).values - logits[..., tokenizer.eos_token_id]
+        model.get_output_embeddings().bias[tokenizer.eos_token_id] = gaps.quantile(0.1)
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    prompts = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    assert len({len(p) for p in prompts}) > 3  # left padding of several widths
+    return prompts
+
+
+def with_generate(model, prompts, tokenizer, sampling: Sampling, monkeypatch):
+    """The rollout transformers' `generate` gives (the sampler's fallback), same post-processing."""
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout_module, "driver", lambda m: "the test's reference")
+        return generate(model, prompts, tokenizer, sampling)
+
+
+def assert_same_rollout(ours, reference, logprob_atol: float = 1e-5) -> None:
+    assert torch.equal(ours.input_ids, reference.input_ids)
+    assert torch.equal(ours.response_mask, reference.response_mask)
+    assert torch.equal(ours.stopped, reference.stopped)
+    if reference.logprobs is None:
+        assert ours.logprobs is None
+    else:
+        torch.testing.assert_close(ours.logprobs, reference.logprobs, atol=logprob_atol, rtol=0)
+
+
+def batch_sizes(model) -> list[int]:
+    """Records the rows of every forward call."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decoding_gives_generates_tokens(arch, tokenizer, monkeypatch):
+    model = tiny_lm(arch, tokenizer, eos_bias=0.0)
+    assert not isinstance(driver(model), str)
+    prompts = prompts_of(tokenizer) * 2
+    eos_bias_for_greedy(model, prompts, tokenizer)
+    sampling = Sampling(max_new_tokens=12, temperature=0)
+    sizes = batch_sizes(model)
+    ours = generate(model, prompts, tokenizer, sampling)
+    reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
+    assert_same_rollout(ours, reference)
+    assert len(set(ours.response_mask.sum(-1).tolist())) > 2  # rows stopped at different steps ...
+    assert sizes[0] == len(prompts) and min(sizes) < len(prompts)  # ... and left the batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("settings, eos_bias", [(dict(temperature=1.0), 3.8),
+                                                (dict(temperature=0.7, top_k=20, top_p=0.9), 0.5),
+                                                (dict(temperature=1.3, top_p=0.5), 4.0)],
+                         ids=["plain", "top-k-top-p", "top-p"])
+def test_seeded_sampling_gives_generates_tokens(arch, settings, eos_bias, tokenizer, monkeypatch):
+    """Same seed, same tokens: the warpers are generate's to the bit and the draw consumes the random stream as
+    torch.multinomial does, for every row of the batch it started with. (The EOS bias makes EOS about 1 in 10 at
+    each step under each setting.)"""
+    model = tiny_lm(arch, tokenizer, eos_bias)
+    prompts = prompts_of(tokenizer) * 2
+    sampling = Sampling(max_new_tokens=10, **settings)
+    torch.manual_seed(3)
+    ours = generate(model, prompts, tokenizer, sampling)
+    torch.manual_seed(3)
+    reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
+    assert_same_rollout(ours, reference)
+    assert len(set(ours.response_mask.sum(-1).tolist())) > 2
+    assert len({tuple(r) for r in ours.responses.tolist()}) > len(prompts) // 2  # not one response repeated
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_several_samples_per_prompt_share_its_prefill(arch, tokenizer, monkeypatch):
+    """G samples of a prompt: one prefill per prompt (B rows), then N = B * G rows; the tokens are generate's with
+    num_return_sequences = G, and a prompt's samples differ."""
+    model = tiny_lm(arch, tokenizer)
+    prompts = prompts_of(tokenizer)
+    G = 4
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, samples_per_prompt=G)
+    sizes = batch_sizes(model)
+    torch.manual_seed(11)
+    ours = generate(model, prompts, tokenizer, sampling)
+    torch.manual_seed(11)
+    reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
+    assert_same_rollout(ours, reference)
+    assert sizes[0] == len(prompts) and sizes[1] == len(prompts) * G
+    assert ours.input_ids.shape[0] == len(prompts) * G
+    for i in range(len(prompts)):
+        group = ours.input_ids[i * G:(i + 1) * G]
+        assert (group[:, :ours.prompt_len] == group[0, :ours.prompt_len]).all()
+    assert len({tuple(r) for r in ours.responses[:G].tolist()}) > 1
+
+
+def test_kept_logprobs_equal_a_full_forward_pass(tokenizer):
+    model = tiny_lm("qwen2", tokenizer)
+    prompts = prompts_of(tokenizer)
+    torch.manual_seed(0)
+    rollout = generate(model, prompts, tokenizer, Sampling(max_new_tokens=9, temperature=0.8, top_k=30, top_p=0.95,
+                                                           samples_per_prompt=2))
+    with torch.no_grad():
+        full, _ = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 0.8)
+    mask = rollout.response_mask
+    torch.testing.assert_close(rollout.logprobs[mask], full[mask], atol=2e-5, rtol=0)
+    assert (rollout.logprobs[~mask] == 0).all()
+
+
+def test_stop_strings_stop_rows_as_generate_does(tokenizer, monkeypatch):
+    model = tiny_lm("llama", tokenizer, eos_bias=0.0)
+    prompts = prompts_of(tokenizer) * 3
+    # A stop string some responses contain: the most common two-character piece of the unstopped responses' text.
+    free = generate(model, prompts, tokenizer, Sampling(max_new_tokens=10, temperature=0))
+    texts = [tokenizer.decode(r[m]) for r, m in zip(free.responses, free.response_mask)]
+    pieces = {t[i:i + 2] for t in texts for i in range(len(t) - 1)}
+    stops = max(pieces, key=lambda p: (0 < sum(p in t for t in texts) < len(texts), sum(p in t for t in texts)))
+    sampling = Sampling(max_new_tokens=10, temperature=0, stop_strings=(stops,))
+    ours = generate(model, prompts, tokenizer, sampling)
+    reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
+    assert_same_rollout(ours, reference)
+    assert ours.response_mask.sum() < free.response_mask.sum()
+    torch.manual_seed(5)
+    sampled = Sampling(max_new_tokens=10, temperature=1.0, stop_strings=(stops, "e"))
+    ours = generate(model, prompts, tokenizer, sampled)
+    torch.manual_seed(5)
+    assert_same_rollout(ours, with_generate(model, prompts, tokenizer, sampled, monkeypatch))
+
+
+def test_lora_model_and_bf16_autocast(tokenizer, monkeypatch):
+    model = add_lora(tiny_lm("llama", tokenizer), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                     task="CAUSAL_LM")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # an adapter that changes the outputs
+    assert not isinstance(driver(model), str)
+    prompts = prompts_of(tokenizer)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            torch.manual_seed(2)
+            ours = generate(model, prompts, tokenizer, Sampling(max_new_tokens=8, temperature=0.9))
+            torch.manual_seed(2)
+            reference = with_generate(model, prompts, tokenizer, Sampling(max_new_tokens=8, temperature=0.9),
+                                      monkeypatch)
+        assert_same_rollout(ours, reference)
+
+
+def test_a_model_it_cannot_drive_falls_back_to_generate_and_says_why_once(tokenizer, caplog, monkeypatch):
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, sliding_window=4,
+                           eos_token_id=tokenizer.eos_token_id)
+    model = tiny_lm(config, tokenizer)
+    reason = driver(model)
+    assert isinstance(reason, str) and "DynamicSlidingWindowLayer" in reason
+    monkeypatch.setattr(sampler_module, "_reported", set())
+    prompts = prompts_of(tokenizer)
+    with caplog.at_level(logging.WARNING, logger="rlhfkit.ppo.sampler"):
+        torch.manual_seed(1)
+        first = generate(model, prompts, tokenizer, Sampling(max_new_tokens=6))
+        generate(model, prompts, tokenizer, Sampling(max_new_tokens=6))
+    warnings = [r.getMessage() for r in caplog.records if "generate" in r.getMessage()]
+    assert warnings == [f"sampling with transformers' generate (slower): {reason}"]
+    assert first.input_ids.shape[0] == len(prompts) and first.logprobs is not None
+
+
+def test_warp_and_draw_sample_the_warped_distribution():
+    """The draw's frequencies over many rows match softmax(warp(logits)) (chi-square), and tokens top-k / top-p
+    remove are never drawn."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    scores = warp(logits, temperature=0.8, top_k=8, top_p=0.9)
+    probs = scores.softmax(-1)[0]
+    kept = torch.isfinite(scores[0])
+    assert 2 <= int(kept.sum()) <= 8
+    n = 40_000
+    tokens = draw(scores.expand(n, -1), torch.arange(n), n)
+    counts = torch.bincount(tokens, minlength=12).float()
+    assert (counts[~kept] == 0).all()
+    expected = probs[kept] * n
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert chi2 < 30.0  # 99.9% quantile of chi-square with <= 7 degrees of freedom is 24.3
