@@ -231,3 +231,18 @@ def test_warp_and_draw_sample_the_warped_distribution():
     expected = probs[kept] * n
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     assert chi2 < 30.0  # 99.9% quantile of chi-square with <= 7 degrees of freedom is 24.3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_gives_generates_tokens(arch, tokenizer, monkeypatch):
+    """Under bf16 autocast the cache holds bf16 keys and values (what attention casts them to anyway): the tokens
+    and log-probs are still generate's, greedy and sampled."""
+    model = tiny_lm(arch, tokenizer, eos_bias=3.8)
+    prompts = prompts_of(tokenizer) * 2
+    for sampling in (Sampling(max_new_tokens=10, temperature=0), Sampling(max_new_tokens=10, temperature=1.0)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(4)
+            ours = generate(model, prompts, tokenizer, sampling)
+            torch.manual_seed(4)
+            reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
+        assert_same_rollout(ours, reference, logprob_atol=0)
