@@ -10,7 +10,9 @@ response-length regimes:
 - "early": EOS is made likely (a bias on its logit), so responses end at different steps, as an RL batch does; the
   sampler drops finished rows from its batch, `generate` carries them to the end.
 The last columns compare the model FLOPs of the work (one forward pass over prompt + response per row) with the
-matrix-product rate measured here, and print one decoding step's time split by operator for the largest case.
+matrix-product rate measured here, and the time of the model's forward passes alone (prefill and one call per step for
+every row, no sampling or stopping: the floor for any sampler that calls the model) with the sampler's; `--profile`
+prints one decoding step's time split by operator for the largest case.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, rep
         finally:
             rollout_module.driver = saved
 
-    times: dict[str, list[float]] = {"sampler": [], "generate": []}
+    times: dict[str, list[float]] = {"sampler": [], "generate": [], "forward": []}
     tokens = {}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         ours()  # warm-up (allocator, kernels)
@@ -78,12 +80,37 @@ def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, rep
                 times[name].append(seconds)
                 tokens[name] = int(rollout.response_mask.sum())
                 tokens[name + "_rollout"] = rollout
+            steps = tokens["sampler_rollout"].response_mask.shape[1]
+            times["forward"].append(timed_call(lambda: forward_only(model, tokenizer, prompts, steps))[0])
     same = torch.equal(tokens["sampler_rollout"].input_ids, tokens["generate_rollout"].input_ids)
     r = tokens["sampler_rollout"]
     return {"sampler_s": statistics.median(times["sampler"]), "generate_s": statistics.median(times["generate"]),
-            "tokens": tokens["sampler"], "same_tokens": same,
+            "forward_s": statistics.median(times["forward"]), "tokens": tokens["sampler"], "same_tokens": same,
             "prompt_len": float(r.attention_mask[:, :r.prompt_len].sum(-1).float().mean()),
             "response_len": float(r.response_mask.sum(-1).float().mean())}
+
+
+@torch.no_grad()
+def forward_only(model, tokenizer, prompts, steps: int) -> None:
+    """The model's forward passes alone, as many as the sampler ran, every row to the end (no sampling, no
+    stopping): the least time any sampler that calls the model's forward can take for the full regime."""
+    from rlhfkit.models import position_ids
+    from rlhfkit.ppo.rollout import left_pad
+    from rlhfkit.ppo.sampler import _buffer_cache, driver
+
+    drive = driver(model)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    P = ids.shape[1]
+    cache = _buffer_cache(drive.n_layers, P + steps)
+    positions = position_ids(mask)
+    logits = drive.forward(model, ids, mask, positions, cache, keep_last=True)
+    full = torch.ones((len(prompts), P + steps), dtype=mask.dtype)
+    full[:, :P] = mask
+    position = positions[:, -1:] + 1
+    for t in range(steps - 1):
+        logits = drive.forward(model, logits.argmax(-1, keepdim=True), full[:, :P + t + 1], position, cache,
+                               keep_last=False)
+        position = position + 1
 
 
 def forward_flops(cfg: dict, vocab: int, rows: int, prompt_len: float, response_len: float) -> float:
@@ -117,7 +144,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="32,128", help="new tokens per response")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--eos-bias", type=float, default=6.0, help="EOS logit bias of the 'early' regime")
+    parser.add_argument("--eos-bias", type=float, default=2.5, help="EOS logit bias of the 'early' regime")
     parser.add_argument("--profile", action="store_true", help="also split one decoding step by operator")
     parser.add_argument("--out", default="runs/bench-sampler")
     args = parser.parse_args()
@@ -135,8 +162,8 @@ def main() -> None:
           f"{facts['vocab']}; {args.dtype}; {args.threads} threads; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; matrix-product rate {rate:.0f} GFLOP/s\n")
     print("| regime | prompts | new tokens | mean response | sampler tok/s | generate tok/s | speed-up | same tokens "
-          "| sampler share of the matmul rate | generate share |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| sampler share of the matmul rate | generate share | forward passes alone, share of sampler time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for regime, bias in (("full", None), ("early", args.eos_bias)):
         model, tokenizer = load(work, bias)
@@ -149,8 +176,8 @@ def main() -> None:
                 print(f"| {regime} | {batch} | {new_tokens} | {m['response_len']:.0f} | "
                       f"{m['tokens'] / m['sampler_s']:.0f} | {m['tokens'] / m['generate_s']:.0f} | "
                       f"{m['generate_s'] / m['sampler_s']:.2f}x | {m['same_tokens']} | "
-                      f"{flops / m['sampler_s'] / 1e9 / rate:.0%} | {flops / m['generate_s'] / 1e9 / rate:.0%} |",
-                      flush=True)
+                      f"{flops / m['sampler_s'] / 1e9 / rate:.0%} | {flops / m['generate_s'] / 1e9 / rate:.0%} | "
+                      f"{m['forward_s'] / m['sampler_s']:.0%} |", flush=True)
     (work / f"sampler-{args.dtype}.json").write_text(json.dumps({"rate": rate, "results": results}, indent=2))
     if args.profile:
         model, tokenizer = load(work, None)
