@@ -203,11 +203,13 @@ def ppo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
              "ddp": args("ddp", strategy="ddp", nproc=2),
              "fsdp": args("fsdp", strategy="fsdp", nproc=2, shard_frozen="true"),
              "fsdp-lora": args("fsdp-lora", strategy="fsdp", nproc=2, **lora)}
+    outputs = {}
     for group in (["single", "single-lora", "ddp"], ["fsdp", "fsdp-lora"]):  # 4 processes at most
         started = {name: rlhfkit(plans[name]) for name in group}
-        for process in started.values():
-            finish(process)
-    return {name: root / name for name in plans} | {"args:" + k: v for k, v in plans.items()}
+        for name, process in started.items():
+            outputs[name] = finish(process)
+    return ({name: root / name for name in plans} | {"args:" + k: v for k, v in plans.items()}
+            | {"log:" + k: v for k, v in outputs.items()})
 
 
 def ppo_records(out: Path) -> list[dict]:
@@ -222,6 +224,8 @@ def all_weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_ppo_on_two_ranks_matches_one_process(ppo_runs, single, two):
     one, both = ppo_records(ppo_runs[single]), ppo_records(ppo_runs[two])
     assert len(one) == len(both) == PPO_STEPS  # rank 0 alone logs
+    # rlhfkit's sampler drove the actor (gathered under FSDP, LoRA or not); it never fell back to `generate`.
+    assert "sampling with transformers' generate" not in ppo_runs["log:" + single] + ppo_runs["log:" + two]
     # The rollouts: the same scores and lengths, and responses of several lengths (the shares were re-padded).
     for key in ("score", "response_length", "eos_rate", "kl"):
         torch.testing.assert_close(torch.tensor([r[key] for r in both]), torch.tensor([r[key] for r in one]),
