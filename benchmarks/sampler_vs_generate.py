@@ -96,12 +96,12 @@ def forward_only(model, tokenizer, prompts, steps: int) -> None:
     stopping): the least time any sampler that calls the model's forward can take for the full regime."""
     from rlhfkit.models import position_ids
     from rlhfkit.ppo.rollout import left_pad
-    from rlhfkit.ppo.sampler import _buffer_cache, driver
+    from rlhfkit.ppo.sampler import buffer_cache, driver
 
     drive = driver(model)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     P = ids.shape[1]
-    cache = _buffer_cache(drive.n_layers, P + steps)
+    cache = buffer_cache(drive.n_layers, P + steps)
     positions = position_ids(mask)
     logits = drive.forward(model, ids, mask, positions, cache, keep_last=True)
     full = torch.ones((len(prompts), P + steps), dtype=mask.dtype)
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--eos-bias", type=float, default=2.5, help="EOS logit bias of the 'early' regime")
     parser.add_argument("--profile", action="store_true", help="also split one decoding step by operator")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
     parser.add_argument("--out", default="runs/bench-sampler")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,7 +156,7 @@ def main() -> None:
     batches, lengths = [int(b) for b in args.batches.split(",")], [int(n) for n in args.lengths.split(",")]
     facts = build(work, {**cfg, "prompts": max(batches)}, 0)
     prompt_ids = json.loads((work / "prompt_ids.json").read_text())
-    rate = matmul_rate(dtype, args.threads, 1024)
+    rate = matmul_rate(dtype, args.threads, args.matmul_size)
     import transformers
 
     print(f"config {args.config}: Llama hidden {cfg['hidden']}, {cfg['layers']} layers, FFN {cfg['ffn']}, vocab "

@@ -1,4 +1,5 @@
-"""The PPO benchmark cannot rot: a tiny run of its rlhfkit side end to end, and its FLOP count checked by hand."""
+"""The benchmarks cannot rot: a tiny run of the PPO benchmark's rlhfkit side and of the sampler benchmark end to end,
+and the PPO benchmark's FLOP count checked by hand."""
 
 from __future__ import annotations
 
@@ -45,3 +46,16 @@ def test_benchmark_smoke_run(tmp_path):
     assert m["n"] == 1 and m["time_iteration"] > 0 and m["peak_rss_mb"] > 0
     assert 0 < m["response_tokens"] <= 4 * 4  # 4 prompts x at most 4 new tokens
     assert summary["matmul_gflops"]["float32"] > 0
+
+
+def test_sampler_benchmark_smoke_run(tmp_path):
+    bench = BENCH.parent / "sampler_vs_generate.py"
+    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--batches", "1,3", "--lengths", "4",
+                           "--repeats", "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| full", "| early"))]
+    assert len(rows) == 4 and all("| True |" in row for row in rows)  # the sampler gave generate's tokens
+    results = json.loads((tmp_path / "tiny" / "sampler-float32.json").read_text())["results"]
+    assert [(r["regime"], r["batch"]) for r in results] == [("full", 1), ("full", 3), ("early", 1), ("early", 3)]
+    assert all(r["sampler_s"] > 0 and r["generate_s"] > 0 for r in results)

@@ -62,7 +62,7 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
     actor.eval()
     drive = driver(actor)
     if isinstance(drive, str):
-        report_fallback(actor, drive)
+        report_fallback(drive)
         responses, logprobs = _hf_generate(actor, prompt_ids.to(device), prompt_mask.to(device), tokenizer, sampling)
     else:
         criteria = StopStringCriteria(tokenizer, list(sampling.stop_strings)) if sampling.stop_strings else None

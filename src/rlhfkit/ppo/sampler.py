@@ -101,7 +101,8 @@ def _stored_dtype(states: torch.Tensor) -> torch.dtype:
     return states.dtype
 
 
-def _buffer_cache(n_layers: int, capacity: int) -> Cache:
+def buffer_cache(n_layers: int, capacity: int) -> Cache:
+    """An empty cache of `n_layers` buffer layers, each holding up to `capacity` positions."""
     return Cache(layers=[_BufferLayer(capacity) for _ in range(n_layers)])
 
 
@@ -112,7 +113,7 @@ def _select_rows(cache: Cache, rows: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------ which models it drives
 @dataclass(frozen=True)
-class _Driver:
+class Driver:
     """How to call one model's forward for decoding: the name of its cache argument and what else it accepts."""
     cache_arg: str
     n_layers: int
@@ -133,7 +134,7 @@ class _Driver:
 _reported: set[str] = set()
 
 
-def driver(model) -> _Driver | str:
+def driver(model) -> Driver | str:
     """The way to drive `model` (a causal LM, possibly a peft model) with the buffer cache, or why it cannot be."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
@@ -153,10 +154,10 @@ def driver(model) -> _Driver | str:
     kinds = {type(layer).__name__ for layer in layers}
     if not layers or kinds != {"DynamicLayer"}:
         return f"{name} needs cache layers other than full attention ({', '.join(sorted(kinds)) or 'none'})"
-    return _Driver(cache_arg, len(layers), "position_ids" in params, "logits_to_keep" in params)
+    return Driver(cache_arg, len(layers), "position_ids" in params, "logits_to_keep" in params)
 
 
-def report_fallback(model, reason: str) -> None:
+def report_fallback(reason: str) -> None:
     """Log once per reason why a model is sampled with `generate` instead."""
     if reason not in _reported:
         _reported.add(reason)
@@ -195,7 +196,7 @@ def draw(scores: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def sample(model, drive: _Driver, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling, *,
+def sample(model, drive: Driver, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling, *,
            stop_ids: tuple[int, ...], pad_id: int, stop_criteria=None) -> Samples:
     """Responses to left-padded prompts: prompt_ids, prompt_mask (B, P) on the model's device.
 
@@ -206,7 +207,7 @@ def sample(model, drive: _Driver, prompt_ids: torch.Tensor, prompt_mask: torch.T
     G, R_max = sampling.samples_per_prompt, sampling.max_new_tokens
     N, device = B * G, prompt_ids.device
     greedy = sampling.temperature == 0
-    cache = _buffer_cache(drive.n_layers, P + R_max)
+    cache = buffer_cache(drive.n_layers, P + R_max)
 
     # 1. Prefill each prompt once; its G samples start from copies of its cache.
     positions = position_ids(prompt_mask)
