@@ -335,6 +335,24 @@ def test_policy_loss_dual_clip():
     close(plain, [[20.0, 4.0, -1.2, -0.2]], atol=1e-12)
 
 
+def test_policy_loss_clip_higher_and_clip_fractions_low_and_high():
+    # cliprange 0.2, cliprange_high 0.28 (DAPO). loss = max(-A r, -A clip(r, 0.8, 1.28)):
+    #   A=+1, r=1.25: max(-1.25, -1.25) = -1.25, not clipped (it would be with the symmetric 1.2: -1.2)
+    #   A=+1, r=1.5:  max(-1.5, -1.28) = -1.28, clipped high
+    #   A=-1, r=0.5:  max(0.5, 0.8) = 0.8, clipped low
+    #   A=-1, r=1.5:  max(1.5, 1.28) = 1.5, not clipped (the upper bound never binds for A < 0)
+    adv, ratio, old = [[1.0, 1.0, -1.0, -1.0]], [[1.25, 1.5, 0.5, 1.5]], [[-1.0, -2.0, -1.0, -0.5]]
+    logprobs, mask = ratios_to_logprobs(ratio, old), m([[1, 1, 1, 1]])
+    loss, stats = core.policy_loss(logprobs, t(old), t(adv), mask, cliprange=0.2, cliprange_high=0.28)
+    close(loss, [[-1.25, -1.28, 0.8, 1.5]], atol=1e-12)
+    close(stats["clipfrac"], 2 / 4, atol=1e-12)
+    close(stats["clipfrac_high"], 1 / 4, atol=1e-12)
+    close(stats["clipfrac_low"], 1 / 4, atol=1e-12)
+    symmetric, stats = core.policy_loss(logprobs, t(old), t(adv), mask, cliprange=0.2)
+    close(symmetric, [[-1.2, -1.2, 0.8, 1.5]], atol=1e-12)
+    close(stats["clipfrac_high"], 2 / 4, atol=1e-12)
+
+
 def test_policy_loss_gradient_zero_where_clipped():
     old = t(POLICY_OLD)
     logprobs = ratios_to_logprobs(POLICY_RATIO, POLICY_OLD).requires_grad_(True)
@@ -385,16 +403,30 @@ def test_aggregate_token_mean_vs_seq_mean_by_hand():
     close(core.aggregate(loss, mask, "seq-mean", denominator=4.0), 6 / 4, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean"])
+def test_aggregate_seq_mean_token_sum_norm_by_hand():
+    # Dr.GRPO: each sequence's sum over its valid tokens / 4 (the longest response allowed), then the mean over
+    # sequences: (6 / 4 + 4 / 4) / 2 = 1.25; a short and a long response with the same per-token loss weigh by length.
+    loss = t([[1.0, 2.0, 3.0, NAN], [4.0, HUGE, INF, -INF]])
+    mask = m([[1, 1, 1, 0], [1, 0, 0, 0]])
+    close(core.aggregate(loss, mask, "seq-mean-token-sum-norm", token_norm=4), 1.25, atol=1e-12)
+    close(core.aggregate(loss, mask, "seq-mean-token-sum-norm", denominator=4.0, token_norm=4), 10 / 4 / 4,
+          atol=1e-12)
+    with pytest.raises(ValueError, match="token_norm"):
+        core.aggregate(loss, mask, "seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
 def test_aggregate_micro_batches_add_up_to_the_whole(mode):
     loss = t([[1.0, 2.0, 3.0, NAN], [4.0, HUGE, 0.0, 0.0], [0.5, -1.5, 2.5, 7.0], [9.0, 1.0, INF, 0.0]])
     mask = m([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     # The whole minibatch's count: 10 valid tokens, or 4 sequences.
     denominator = 10.0 if mode == "token-mean" else 4.0
-    parts = [core.aggregate(loss[s], mask[s], mode, denominator=denominator) for s in (slice(0, 2), slice(2, 4))]
-    close(parts[0] + parts[1], core.aggregate(loss, mask, mode), atol=1e-12)
-    expected = (6 + 4 + 8.5 + 10) / 10 if mode == "token-mean" else (2 + 4 + 8.5 / 4 + 5) / 4
-    close(core.aggregate(loss, mask, mode), expected, atol=1e-12)
+    parts = [core.aggregate(loss[s], mask[s], mode, denominator=denominator, token_norm=4)
+             for s in (slice(0, 2), slice(2, 4))]
+    close(parts[0] + parts[1], core.aggregate(loss, mask, mode, token_norm=4), atol=1e-12)
+    expected = {"token-mean": (6 + 4 + 8.5 + 10) / 10, "seq-mean": (2 + 4 + 8.5 / 4 + 5) / 4,
+                "seq-mean-token-sum-norm": (6 + 4 + 8.5 + 10) / 4 / 4}[mode]
+    close(core.aggregate(loss, mask, mode, token_norm=4), expected, atol=1e-12)
 
 
 def test_aggregate_unknown_mode_raises():

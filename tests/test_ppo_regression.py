@@ -68,7 +68,7 @@ def test_ppo_metrics_match_the_recorded_run(tiny_models, tmp_path):
     same_machine = recorded["machine"] == machine()
     assert len(got) == len(recorded["metrics"]) == 3
     for step, (ours, theirs) in enumerate(zip(got, recorded["metrics"]), start=1):
-        assert ours.keys() == theirs.keys(), step
+        assert theirs.keys() <= ours.keys(), step  # metrics may be added, none may go
         for key in theirs:
             tolerance = dict(rel=0, abs=1e-6) if same_machine else dict(rel=1e-3, abs=1e-5)
             assert ours[key] == pytest.approx(theirs[key], **tolerance), (step, key)

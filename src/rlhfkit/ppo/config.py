@@ -86,8 +86,10 @@ class PPOConfig(CommonConfig):
     vf_coef: float = option(1.0, "value-loss weight (the critic has its own optimizer: this only scales its "
                                  "gradient before clipping)", group="ppo")
     entropy_coef: float = option(0.0, "entropy bonus weight (0: DeepSpeed-Chat, TRL)", group="ppo")
-    loss_agg: str = option("token-mean", "loss reduction: token-mean over all valid tokens, or seq-mean (mean per "
-                                         "sequence, then over sequences)", group="ppo", choices=LOSS_AGGREGATIONS)
+    loss_agg: str = option("token-mean", "loss reduction: token-mean over all valid tokens, seq-mean (mean per "
+                                         "sequence, then over sequences), or seq-mean-token-sum-norm (each "
+                                         "sequence's sum / max_new_tokens, then the mean; Dr.GRPO)", group="ppo",
+                           choices=LOSS_AGGREGATIONS)
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over valid tokens", group="ppo")
     critic_warmup_steps: int = option(0, "first iterations that train only the critic", group="ppo")
     ema_decay: float = option(0.0, "keep an EMA of the actor with this decay, saved as final_ema "

@@ -15,7 +15,7 @@ import math
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-sum-norm")
 
 
 # ------------------------------------------------------------------------------------------------ masked statistics
@@ -141,26 +141,32 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, response_mask: torch.Tensor
 
 # ---------------------------------------------------------------------------------------------------------- losses
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                response_mask: torch.Tensor, cliprange: float, dual_clip: float = 0.0
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                response_mask: torch.Tensor, cliprange: float, dual_clip: float = 0.0,
+                cliprange_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, per token: (B, R) each -> (loss (B, R), stats).
 
-    loss = max(-A * ratio, -A * clip(ratio, 1 - cliprange, 1 + cliprange)) with ratio = pi / pi_old. With dual_clip
-    c > 1 (Ye et al. 2020), a token with A < 0 loses at most -c * A, so one huge ratio cannot dominate the batch.
+    loss = max(-A * ratio, -A * clip(ratio, 1 - cliprange, 1 + cliprange_high)) with ratio = pi / pi_old;
+    cliprange_high defaults to cliprange (DAPO's clip-higher raises it alone, Yu et al. 2025). With dual_clip c > 1
+    (Ye et al. 2020), a token with A < 0 loses at most -c * A, so one huge ratio cannot dominate the batch.
     stats (scalars over valid tokens): clipfrac = share of tokens where the clipped term was the larger one (its
-    gradient is zero there), approx_kl = mean of (log ratio)^2 / 2, ratio = mean ratio.
+    gradient is zero there), split into clipfrac_low (A < 0, ratio below 1 - cliprange) and clipfrac_high (A > 0,
+    ratio above 1 + cliprange_high); approx_kl = mean of (log ratio)^2 / 2, ratio = mean ratio.
     """
+    high = cliprange if cliprange_high is None else cliprange_high
     # Masked positions get ratio 1: their loss is dropped later, but an overflowing exp there would still put
     # 0 * inf = nan into the gradient.
     log_ratio = torch.where(response_mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
     if dual_clip > 0:
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+        won = clipped > unclipped
+        stats = {"clipfrac": masked_mean(won.float(), response_mask),
+                 "clipfrac_low": masked_mean((won & (advantages < 0)).float(), response_mask),
+                 "clipfrac_high": masked_mean((won & (advantages > 0)).float(), response_mask),
                  "approx_kl": masked_mean(0.5 * log_ratio ** 2, response_mask),
                  "ratio": masked_mean(ratio, response_mask)}
     return loss, stats
@@ -184,11 +190,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, mode: str = "token-mean",
-              denominator: float | None = None) -> torch.Tensor:
+              denominator: float | None = None, token_norm: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (B, R) to a scalar.
 
-    token-mean: sum over valid tokens / number of valid tokens (long responses weigh more);
-    seq-mean: each sequence's mean over its valid tokens, then the mean over sequences.
+    token-mean: sum over valid tokens / number of valid tokens (long responses weigh more; DAPO);
+    seq-mean: each sequence's mean over its valid tokens, then the mean over sequences (the original GRPO);
+    seq-mean-token-sum-norm: each sequence's sum over its valid tokens / `token_norm` (a constant, the longest response
+    allowed), then the mean over sequences (Dr.GRPO, Liu et al. 2025: no length bias from a per-sequence mean).
     `denominator` replaces the token (or sequence) count: gradient accumulation passes the count of the whole
     minibatch, so that micro-batches add up to exactly the minibatch's loss.
     """
@@ -197,6 +205,11 @@ def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, mode: str = "toke
         count = response_mask.sum()
     elif mode == "seq-mean":
         total = (masked_sum(loss, response_mask, dim=-1) / response_mask.sum(-1).clamp(min=1)).sum()
+        count = loss.shape[0]
+    elif mode == "seq-mean-token-sum-norm":
+        if not token_norm:
+            raise ValueError("seq-mean-token-sum-norm needs token_norm (the longest response allowed)")
+        total = masked_sum(loss, response_mask, dim=-1).sum() / token_norm
         count = loss.shape[0]
     else:
         raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")

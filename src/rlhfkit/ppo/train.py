@@ -288,8 +288,9 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                         pg, pg_stats = core.policy_loss(logprobs, mb.take(exp.old_logprobs).to(device),
                                                         mb.take(exp.advantages).to(device), mb_mask,
                                                         config.cliprange, config.dual_clip)
-                        pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator)
-                        entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator)
+                        pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
+                        entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator,
+                                                      config.max_new_tokens)
                         # DDP and FSDP average the ranks' gradients: times world.size makes that their sum.
                         ((pg_loss - config.entropy_coef * entropy_mean) * world.size).backward()
                     _add(sums, {"policy_loss": pg_loss.item(), "entropy": entropy_mean.item()})
@@ -298,7 +299,7 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                     values = critic(ids, attn)[:, p - 1:-1]
                     vf, vf_stats = core.value_loss(values, mb.take(exp.old_values).to(device),
                                                    mb.take(exp.returns).to(device), mb_mask, config.cliprange_value)
-                    vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator)
+                    vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
                     (config.vf_coef * vf_loss * world.size).backward()
                 _add(sums, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
             if train_actor and data.ptx:
