@@ -52,8 +52,8 @@ def timed_call(fn) -> tuple[float, object]:
 
 
 def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, repeats: int) -> dict:
-    from rlhfkit.ppo import rollout as rollout_module
-    from rlhfkit.ppo.rollout import Sampling, generate
+    from rlhfkit.rl import rollout as rollout_module
+    from rlhfkit.rl.rollout import Sampling, generate
 
     sampling = Sampling(max_new_tokens=new_tokens, temperature=1.0)
 
@@ -95,8 +95,8 @@ def forward_only(model, tokenizer, prompts, steps: int) -> None:
     """The model's forward passes alone, as many as the sampler ran, every row to the end (no sampling, no
     stopping): the least time any sampler that calls the model's forward can take for the full regime."""
     from rlhfkit.models import position_ids
-    from rlhfkit.ppo.rollout import left_pad
-    from rlhfkit.ppo.sampler import buffer_cache, driver
+    from rlhfkit.rl.rollout import left_pad
+    from rlhfkit.rl.sampler import buffer_cache, driver
 
     drive = driver(model)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -126,7 +126,7 @@ def step_profile(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype)
     """(operator, ms per decoding step) for the sampler's decoding steps, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rlhfkit.ppo.rollout import Sampling, generate
+    from rlhfkit.rl.rollout import Sampling, generate
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         with profile(activities=[ProfilerActivity.CPU]) as prof:

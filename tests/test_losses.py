@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.rm.losses import log_exp_loss, log_sigmoid_loss, pairwise_loss
-from rlhfkit.sft.train import collate, sft_loss
+from rlhfkit.training.lm_loss import collate, sft_loss
 
 ATOL = 1e-6
 

@@ -21,7 +21,7 @@ from rlhfkit.data.loading import load_examples
 from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
-from rlhfkit.sft.train import evaluate
+from rlhfkit.training.lm_loss import evaluate
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

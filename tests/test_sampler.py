@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from rlhfkit.models import add_lora
-from rlhfkit.ppo import rollout as rollout_module
-from rlhfkit.ppo import sampler as sampler_module
-from rlhfkit.ppo.rollout import Sampling, generate, response_logprobs
-from rlhfkit.ppo.sampler import draw, driver, warp
+from rlhfkit.rl import rollout as rollout_module
+from rlhfkit.rl import sampler as sampler_module
+from rlhfkit.rl.rollout import Sampling, generate, response_logprobs
+from rlhfkit.rl.sampler import draw, driver, warp
 from rlhfkit.tiny import tiny_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -206,7 +206,7 @@ def test_a_model_it_cannot_drive_falls_back_to_generate_and_says_why_once(tokeni
     assert isinstance(reason, str) and "DynamicSlidingWindowLayer" in reason
     monkeypatch.setattr(sampler_module, "_reported", set())
     prompts = prompts_of(tokenizer)
-    with caplog.at_level(logging.WARNING, logger="rlhfkit.ppo.sampler"):
+    with caplog.at_level(logging.WARNING, logger="rlhfkit.rl.sampler"):
         torch.manual_seed(1)
         first = generate(model, prompts, tokenizer, Sampling(max_new_tokens=6))
         generate(model, prompts, tokenizer, Sampling(max_new_tokens=6))

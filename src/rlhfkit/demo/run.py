@@ -25,9 +25,10 @@ from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
 from rlhfkit.rm.train import RMConfig, run_rm
-from rlhfkit.sft.train import SFTConfig, evaluate, run_sft
+from rlhfkit.sft.train import SFTConfig, run_sft
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
 from rlhfkit.training.common import log, setup_logging
+from rlhfkit.training.lm_loss import evaluate
 
 
 @dataclass

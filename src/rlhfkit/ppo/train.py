@@ -2,7 +2,8 @@
 estimates values; clipped policy and value updates, with the pretraining loss (PTX) mixed into the actor's.
 
 `run_ppo` sets up the models; `ppo_iteration` is one iteration, its six steps in order; `ppo_update` is step 6.
-The math is in ppo/core.py, the forward passes in ppo/rollout.py, the reward in ppo/scoring.py.
+The math is in ppo/core.py; rollouts and forward passes in rl/rollout.py (sampled by rl/sampler.py), the reward in
+rl/scoring.py: the RL layer the algorithms share.
 
 On several ranks (DDP or FSDP), each rank generates, scores and runs the experience passes for its share of the
 iteration's prompts; then every rank holds the whole batch of experience, so rewards, GAE, advantage whitening and the
@@ -33,11 +34,10 @@ from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load
                             load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
-from rlhfkit.ppo.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
+from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
                                  pad_responses, response_logprobs)
-from rlhfkit.ppo.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, check_reward_columns,
+from rlhfkit.rl.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, check_reward_columns,
                                  load_reward_fn, same_vocabulary, shape_scores)
-from rlhfkit.sft.train import collate as collate_lm, sft_loss
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler, rows_per_pass, run_state,
                                      save_final, set_peak_lr, set_weight_decay, setup_logging, start_run, with_lora,
@@ -45,6 +45,7 @@ from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler
 from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
                                           rank_share, unwrap, wrap_model)
 from rlhfkit.training.guards import TrainingError, check_finite, check_trained, step_schedule
+from rlhfkit.training.lm_loss import collate as collate_lm, sft_loss
 from rlhfkit.training.metrics import RunLogger
 
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from rlhfkit.config import ConfigError, option
-from rlhfkit.data.batching import chunks, pad_right, step_indices
-from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation
+from rlhfkit.data.batching import chunks, step_indices
+from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import autocast, load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.training.common import (SupervisedConfig, checkpoint_saver, load_train_eval, log, optimization,
                                      save_final, setup_logging, start_run, with_lora)
-from rlhfkit.training.distributed import World, gather_share, rank_share, strided_share, wrap_model
+from rlhfkit.training.distributed import rank_share, wrap_model
+from rlhfkit.training.lm_loss import collate, evaluate, sft_loss
 from rlhfkit.training.loop import fit
 from rlhfkit.training.metrics import RunLogger
 
@@ -26,48 +23,6 @@ class SFTConfig(SupervisedConfig):
     lr: float = option(2e-5, "peak learning rate (AdamW)", group="training")
     loss_on: str = option("assistant", "tokens that carry loss: assistant replies (and their EOS), or all tokens",
                           group="data", choices=("assistant", "all"))
-
-
-def sft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum over trained tokens of -log p(token | previous tokens).
-
-    batch: input_ids, attention_mask, loss_mask, each (B, T); loss_mask True where a token is trained.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = batch["loss_mask"][:, 1:]  # token t+1 is predicted from position t
-    picked = logits[:, :-1][targets].float()  # (N, V): only the positions that carry loss
-    return F.cross_entropy(picked, batch["input_ids"][:, 1:][targets], reduction="sum"), {}
-
-
-def collate(examples: list[Encoded], pad_id: int) -> dict:
-    batch = pad_right([e.input_ids for e in examples], pad_id, [e.loss_mask for e in examples])
-    batch["num_items"] = int(batch["loss_mask"][:, 1:].sum())
-    return batch
-
-
-def example_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token loss, trained tokens) of each example, each (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = batch["loss_mask"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1][targets].float(), batch["input_ids"][:, 1:][targets], reduction="none")
-    rows = targets.nonzero()[:, 0]  # (N,) the example each trained token belongs to
-    return torch.zeros(len(targets), device=losses.device).index_add_(0, rows, losses), targets.sum(1).float()
-
-
-@torch.no_grad()
-def evaluate(model, examples: list[Encoded], pad_id: int, batch_size: int, dtype: str, world: World = World()
-             ) -> dict[str, float]:
-    """Mean token loss and perplexity on held-out examples (each rank scores a share)."""
-    model.eval()
-    share, _ = strided_share(examples, world)
-    per_example = []
-    for group in chunks(share, batch_size):
-        batch = {k: v.to(world.device) for k, v in collate(group, pad_id).items() if isinstance(v, torch.Tensor)}
-        with autocast(dtype, world.device):
-            per_example.append(torch.stack(example_losses(model, batch), 1).cpu())
-    total, count = gather_share(torch.cat(per_example), len(examples), world).sum(0).tolist()
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def run_sft(config: SFTConfig) -> Path:

@@ -13,8 +13,8 @@ import torch
 from rlhfkit.data.batching import chunks
 from rlhfkit.data.encode import EncodeStats, encode_prompt
 from rlhfkit.data.formats import PromptExample
-from rlhfkit.ppo.rollout import Sampling, generate
-from rlhfkit.ppo.scoring import RewardModelScorer
+from rlhfkit.rl.rollout import Sampling, generate
+from rlhfkit.rl.scoring import RewardModelScorer
 
 
 @dataclass

@@ -16,7 +16,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from rlhfkit.data.batching import chunks
 from rlhfkit.models import position_ids, token_values
 from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
-from rlhfkit.ppo.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
+from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
 
 
@@ -52,7 +52,7 @@ def generate(actor, prompts: list[list[int]], tokenizer, sampling: Sampling) -> 
     """Sample `sampling.samples_per_prompt` responses per prompt (rows i*G ... i*G + G - 1 answer prompt i); each is
     cut after its first EOS or stop string, the rest masked.
 
-    rlhfkit's sampler (ppo/sampler.py) decodes; a model it cannot drive is sampled with transformers' `generate`, which
+    rlhfkit's sampler (rl/sampler.py) decodes; a model it cannot drive is sampled with transformers' `generate`, which
     gives the same tokens for the same seed, more slowly. `sampling.temperature == 0` decodes greedily (the
     evaluation tools' default; PPO's config requires > 0)."""
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -22,7 +22,7 @@ from rlhfkit.data.encode import bos_ids, tokenize_segments, truncate
 from rlhfkit.data.formats import Message, PromptExample
 from rlhfkit.data.templates import render
 from rlhfkit.models import TokenValues
-from rlhfkit.ppo.rollout import Rollout, value_at_last_token
+from rlhfkit.rl.rollout import Rollout, value_at_last_token
 from rlhfkit.training.distributed import adapter_disabled, unwrap
 from rlhfkit.training.guards import TrainingError, describe
 
