@@ -329,6 +329,27 @@ def test_a_nan_reward_skips_that_iteration_and_names_the_function_and_rows(tiny_
     assert (out / "final").is_dir()
 
 
+def test_a_non_finite_ppo_gradient_skips_the_step_with_a_warning(tiny_models, work, tmp_path, capsys, monkeypatch):
+    """A NaN policy loss in iteration 2 (its only optimizer step: one epoch, one minibatch): the step engine steps
+    neither actor nor critic, the run says so and goes on."""
+    from rlhfkit.ppo import core
+
+    real, calls = core.policy_loss, [0]
+
+    def nan_in_iteration_2(*args, **kwargs):
+        calls[0] += 1
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls[0] == 2 else (loss, stats)
+
+    monkeypatch.setattr(core, "policy_loss", nan_in_iteration_2)
+    out = tmp_path / "ppo"
+    code, err = cli(capsys, *ppo(tiny_models["llama"], work, out, "--ppo-epochs", "1", "--save-every", "0"))
+    assert code == 0, err
+    assert "warning: iteration 2: non-finite loss or gradient, 100% of its optimizer steps skipped" in err
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in train] == [0.0, 1.0, 0.0, 0.0]
+
+
 def test_always_nan_rewards_stop_the_run(tiny_models, work, tmp_path, capsys):
     out = tmp_path / "ppo"
     code, err = cli(capsys, *ppo(tiny_models["llama"], work, out, "--max-bad-steps", "2", reward="always_nan"))

@@ -44,8 +44,9 @@ from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler
                                      write_model)
 from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
                                           rank_share, unwrap, wrap_model)
-from rlhfkit.training.guards import TrainingError, check_finite, check_trained, step_schedule
+from rlhfkit.training.guards import TrainingError, check_finite, check_trained
 from rlhfkit.training.lm_loss import collate as collate_lm, sft_loss
+from rlhfkit.training.loop import optimizer_step
 from rlhfkit.training.metrics import RunLogger
 
 
@@ -338,22 +339,15 @@ def _ptx_backward(actor, data: Data, update_step: int, config: PPOConfig, world:
 
 def _optimizer_steps(models: Models, config: PPOConfig, state: TrainState, train_actor: bool,
                      stats: dict[str, float]) -> bool:
-    """Clip and step the critic and (unless warming up) the actor; skip both on a non-finite gradient."""
-    trained = [("critic", models.critic)] + ([("actor", models.actor)] if train_actor else [])
-    norms = {}
-    for name, model in trained:
-        params = [q for q in model.parameters() if q.grad is not None]
-        limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        norms[name] = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit))) if params else 0.0
-    finite = all(math.isfinite(n) for n in norms.values())
-    for name, model in trained:
-        if finite:
-            state.optimizers[name].step()
-        step_schedule(state.schedulers[name])
-        state.optimizers[name].zero_grad(set_to_none=True)
-        _add(stats, {f"{name}_grad_norm": norms[name], f"{name}_lr": state.schedulers[name].get_last_lr()[0]})
-    _add(stats, {"skipped": float(not finite)})
-    return finite
+    """The step engine on the critic and (unless warming up) the actor: both step, or neither on a non-finite
+    gradient."""
+    names = ["critic"] + (["actor"] if train_actor else [])
+    trained = {name: (getattr(models, name), state.optimizers[name], state.schedulers[name]) for name in names}
+    stepped = optimizer_step(trained, config.max_grad_norm)
+    for name in names:
+        _add(stats, {f"{name}_grad_norm": stepped.grad_norms[name], f"{name}_lr": stepped.lrs[name]})
+    _add(stats, {"skipped": float(not stepped.finite)})
+    return stepped.finite
 
 
 def _add(into: dict[str, float], values: dict[str, float]) -> None:
@@ -435,6 +429,9 @@ def run_ppo(config: PPOConfig) -> Path:
         for iteration in range(start, iterations):
             try:
                 metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, world)
+                if metrics.get("skipped"):
+                    logger.write(f"warning: iteration {iteration + 1}: non-finite loss or gradient, "
+                                 f"{metrics['skipped']:.0%} of its optimizer steps skipped")
             except SkippedIteration as skipped:
                 metrics, samples = {"skipped": 1.0}, []
                 logger.write(f"warning: {skipped}")

@@ -1,7 +1,8 @@
 """The supervised training loop that SFT and reward-model training share.
 
 One step: take the step's micro-batches (this rank's share of them), accumulate gradients of loss_sum / items_in_step
-(items of the global batch, so accumulation and ranks equal one big batch), clip, step the optimizer and schedule, log; evaluate and checkpoint on their schedules. A
+(items of the global batch, so accumulation and ranks equal one big batch), then the step engine (`optimizer_step`,
+which PPO uses too): clip, step the optimizer and schedule; log; evaluate and checkpoint on their schedules. A
 non-finite loss or gradient skips the step (data is still consumed, so resume stays exact) and several in a row stop
 the run, and so does a run that skipped every step. The weights are checked after every optimizer step: a non-finite
 model is never evaluated, checkpointed or saved.
@@ -42,6 +43,37 @@ class StepStats:
                 "skipped": float(self.skipped), **self.extra}
 
 
+@dataclass(frozen=True)
+class Stepped:
+    """What one optimizer step of one or several models did."""
+    finite: bool  # False: nothing was stepped (a loss or a gradient norm was not finite)
+    grad_norms: dict[str, float]  # each model's gradient norm before clipping
+    lrs: dict[str, float]  # the learning rate each model's step used
+
+
+def optimizer_step(trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, Any]], max_grad_norm: float,
+                   loss_finite: bool = True) -> Stepped:
+    """The step engine every stage shares, after its micro-batches have accumulated their gradients.
+
+    trained: name -> (model, optimizer, scheduler). Each model's gradient is clipped to `max_grad_norm` (0: not
+    clipped). If the loss or any gradient norm is not finite, no optimizer steps (the models move together or not at
+    all); every schedule advances either way, since it follows the step count, and the gradients are cleared."""
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norms = {}
+    for name, (model, _, _) in trained.items():
+        params = [p for p in model.parameters() if p.grad is not None]
+        norms[name] = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, limit))) if params else 0.0
+    finite = loss_finite and all(math.isfinite(n) for n in norms.values())
+    lrs = {}
+    for name, (_, optimizer, scheduler) in trained.items():
+        if finite:
+            optimizer.step()
+        lrs[name] = scheduler.get_last_lr()[0]
+        step_schedule(scheduler)
+        optimizer.zero_grad(set_to_none=True)
+    return Stepped(finite, norms, lrs)
+
+
 def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn: LossFn,
                optimizer: torch.optim.Optimizer, scheduler, *, max_grad_norm: float, dtype: str,
                world: World = World()) -> StepStats:
@@ -66,18 +98,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn:
     keys = sorted(sums)
     reduced = world.sum([total_loss, float(not finite)] + [sums[k] for k in keys])
     total_loss, finite, sums = reduced[0], reduced[1] == 0, dict(zip(keys, reduced[2:]))
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    grad_norm = float(full_tensor(norm))
-    finite = finite and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    lr = scheduler.get_last_lr()[0]
-    step_schedule(scheduler)  # the schedule follows the step count, skipped steps included
-    optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss=total_loss / n_items if finite else float("nan"), grad_norm=grad_norm, lr=lr,
-                     seconds=time.perf_counter() - start, sequences=int(sequences), tokens=int(tokens),
-                     skipped=not finite, extra={k: v / n_items for k, v in sums.items()} if finite else {})
+    stepped = optimizer_step({"model": (model, optimizer, scheduler)}, max_grad_norm, loss_finite=finite)
+    finite = stepped.finite
+    return StepStats(loss=total_loss / n_items if finite else float("nan"), grad_norm=stepped.grad_norms["model"],
+                     lr=stepped.lrs["model"], seconds=time.perf_counter() - start, sequences=int(sequences),
+                     tokens=int(tokens), skipped=not finite,
+                     extra={k: v / n_items for k, v in sums.items()} if finite else {})
 
 
 def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int], list[MicroBatch]],
