@@ -116,9 +116,11 @@ def test_seeded_sampling_gives_generates_tokens(arch, settings, eos_bias, tokeni
     sampling = Sampling(max_new_tokens=10, **settings)
     torch.manual_seed(3)
     ours = generate(model, prompts, tokenizer, sampling)
+    after_ours = torch.rand(4)
     torch.manual_seed(3)
     reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
     assert_same_rollout(ours, reference)
+    assert torch.equal(after_ours, torch.rand(4))  # the random stream is left where generate leaves it
     assert len(set(ours.response_mask.sum(-1).tolist())) > 2
     assert len({tuple(r) for r in ours.responses.tolist()}) > len(prompts) // 2  # not one response repeated
 
