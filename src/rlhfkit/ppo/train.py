@@ -2,8 +2,9 @@
 estimates values; clipped policy and value updates, with the pretraining loss (PTX) mixed into the actor's.
 
 `run_ppo` sets up the models; `ppo_iteration` is one iteration, its six steps in order; `ppo_update` is step 6.
-The math is in ppo/core.py; rollouts and forward passes in rl/rollout.py (sampled by rl/sampler.py), the reward in
-rl/scoring.py: the RL layer the algorithms share.
+The math is in ppo/core.py. The RL layer the algorithms share: rollouts and forward passes in rl/rollout.py (sampled
+by rl/sampler.py), the reward in rl/scoring.py, the outer loop (iterations, skipped ones, logging, samples,
+checkpoints) in rl/loop.py.
 
 On several ranks (DDP or FSDP), each rank generates, scores and runs the experience passes for its share of the
 iteration's prompts; then every rank holds the whole batch of experience, so rewards, GAE, advantage whitening and the
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,17 +33,18 @@ from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load
                             load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
+from rlhfkit.rl.loop import LoopSettings, run_iterations
 from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
-                                 pad_responses, response_logprobs)
-from rlhfkit.rl.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, check_reward_columns,
-                                 load_reward_fn, same_vocabulary, shape_scores)
+                                pad_responses, response_logprobs)
+from rlhfkit.rl.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, check_finite_scores,
+                                check_reward_columns, load_reward_fn, same_vocabulary, shape_scores)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.training.common import (Resume, log, make_optimizer, make_scheduler, rows_per_pass, run_state,
                                      save_final, set_peak_lr, set_weight_decay, setup_logging, start_run, with_lora,
                                      write_model)
 from rlhfkit.training.distributed import (World, adapter_disabled, full_tensor, gathered, gradient_sync, place_frozen,
                                           rank_share, unwrap, wrap_model)
-from rlhfkit.training.guards import TrainingError, check_finite, check_trained
+from rlhfkit.training.guards import TrainingError, check_finite
 from rlhfkit.training.lm_loss import collate as collate_lm, sft_loss
 from rlhfkit.training.loop import optimizer_step
 from rlhfkit.training.metrics import RunLogger
@@ -146,7 +146,7 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
     rollout, (ref_logprobs, old_values), (scores, monitor), response_texts = _whole_batch(
         world, rollout, [ref_logprobs, old_values], [scores, monitor], response_texts, tokenizer.pad_token_id)
     old_logprobs, mask = rollout.logprobs, rollout.response_mask
-    _skip_nonfinite_scores(iteration, [(models.scorer.name, scores)] + (
+    check_finite_scores(iteration, [(models.scorer.name, scores)] + (
         [(models.monitor.name, monitor)] if monitor is not None else []), response_texts)
     # 4. Per-token rewards: the score, normalised, with the missing-EOS rule and clipping, at the last token, and
     #    -beta * KL estimate at every token.
@@ -224,22 +224,6 @@ def _experience_forwards(models: Models, rollout: Rollout, config: PPOConfig, de
         values[mb.rows, :r] = models.critic(ids, attn)[:, p - 1:-1].float().cpu()  # V(s_t): the state before token t
     mask = rollout.response_mask
     return ref_logprobs.masked_fill(~mask, 0.0), values.masked_fill(~mask, 0.0)
-
-
-class SkippedIteration(Exception):
-    """This iteration's experience cannot be trained on (a non-finite score): the run goes on with the next, and
-    counts it with the other bad steps."""
-
-
-def _skip_nonfinite_scores(iteration: int, named_scores: list[tuple[str, torch.Tensor]], texts: list[str]) -> None:
-    """Raise SkippedIteration naming the scorer and the batch rows whose score is NaN or inf."""
-    for name, values in named_scores:
-        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-        if bad:
-            shown = ", ".join(f"row {i} ({values[i].item()}, response {texts[i][:40]!r})" for i in bad[:3])
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise SkippedIteration(f"iteration {iteration + 1} skipped: {name} returned a non-finite score for "
-                                   f"{len(bad)} of {len(values)} responses: {shown}{more}")
 
 
 def _rows_per_pass(config: PPOConfig, width: int, device) -> int:
@@ -424,32 +408,11 @@ def run_ppo(config: PPOConfig) -> Path:
 
     logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project,
                        enabled=world.main)
-    bad_in_a_row = 0
+    loop = LoopSettings(iterations, config.max_bad_steps, config.log_every, config.sample_every, config.num_samples,
+                        config.save_every)
     try:
-        for iteration in range(start, iterations):
-            try:
-                metrics, samples = ppo_iteration(iteration, config, models, data, state, tokenizer, world)
-                if metrics.get("skipped"):
-                    logger.write(f"warning: iteration {iteration + 1}: non-finite loss or gradient, "
-                                 f"{metrics['skipped']:.0%} of its optimizer steps skipped")
-            except SkippedIteration as skipped:
-                metrics, samples = {"skipped": 1.0}, []
-                logger.write(f"warning: {skipped}")
-            done = iteration + 1
-            bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
-            if bad_in_a_row >= config.max_bad_steps:
-                raise TrainingError(f"{bad_in_a_row} iterations in a row skipped (non-finite gradients or scores) at "
-                                    f"iteration {done}: lower the learning rates, check the reward, or use float32")
-            if done % config.log_every == 0 or done == iterations:
-                logger.log(done, "train", metrics)
-            logger.progress(done, {k: metrics.get(key, float("nan")) for k, key in
-                                   (("score", "score"), ("kl", "kl"), ("len", "response_length"))})
-            if (world.main and config.sample_every and config.num_samples and samples
-                    and (done % config.sample_every == 0 or done == iterations)):
-                _write_samples(out, samples, logger)
-            if config.save_every and done % config.save_every == 0:
-                _save(out, done, models, state, config, world)
-        check_trained(bad_in_a_row, iterations - start, "iteration")
+        run_iterations(lambda i: ppo_iteration(i, config, models, data, state, tokenizer, world), start, loop,
+                       logger, lambda done: _save(out, done, models, state, config, world), out, world)
     finally:
         logger.close()
 
@@ -586,20 +549,3 @@ def _load_models(config: PPOConfig, tokenizer, reward_fn, world: World) -> Model
             log.info(f"rewards normalised with the reward model's stored mean {reward_stats[0]:.4f}, "
                      f"std {reward_stats[1]:.4f}")
     return Models(actor, critic, ref, scorer, reward_stats)
-
-
-def _write_samples(out: Path, samples: list[dict], logger: RunLogger) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-        for row in samples:
-            f.write(json.dumps(row) + "\n")
-    table = Table(title=f"samples at iteration {samples[0]['step']}", show_lines=True)
-    for column in ("prompt", "response", "score"):
-        table.add_column(column, overflow="fold")
-    for row in samples:
-        table.add_row(row["prompt"][-200:], row["response"][:300], f"{row['score']:.3f}")
-    buffer = io.StringIO()
-    Console(file=buffer, width=120, markup=False).print(table)
-    logger.write(buffer.getvalue().rstrip())

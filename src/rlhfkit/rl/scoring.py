@@ -24,7 +24,7 @@ from rlhfkit.data.templates import render
 from rlhfkit.models import TokenValues
 from rlhfkit.rl.rollout import Rollout, value_at_last_token
 from rlhfkit.training.distributed import adapter_disabled, unwrap
-from rlhfkit.training.guards import TrainingError, describe
+from rlhfkit.training.guards import SkippedIteration, TrainingError, describe
 
 
 def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
@@ -264,3 +264,14 @@ def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, *, mean: float, st
     if missing_eos_score is not None:
         shaped = torch.where(not_stopped, torch.full_like(shaped, missing_eos_score), shaped)
     return shaped.clamp(-clip, clip) if clip > 0 else shaped
+
+
+def check_finite_scores(iteration: int, named_scores: list[tuple[str, torch.Tensor]], texts: list[str]) -> None:
+    """Raise SkippedIteration naming the scorer and the batch rows whose score is NaN or inf."""
+    for name, values in named_scores:
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(f"row {i} ({values[i].item()}, response {texts[i][:40]!r})" for i in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise SkippedIteration(f"iteration {iteration + 1} skipped: {name} returned a non-finite score for "
+                                   f"{len(bad)} of {len(values)} responses: {shown}{more}")

@@ -15,6 +15,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite weights, too many skipped steps, a full disk): one line, exit code 1."""
 
 
+class SkippedIteration(Exception):
+    """This iteration's experience cannot be trained on (a non-finite score): the run goes on with the next, and
+    counts it with the other bad steps."""
+
+
 def nonfinite_parameter(model: torch.nn.Module, world: World = World()) -> str | None:
     """The name of the first trainable parameter holding NaN or inf on any rank, else None (every rank calls this).
 
