@@ -51,11 +51,11 @@ def timed_call(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, repeats: int) -> dict:
+def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, repeats: int, group: int = 1) -> dict:
     from rlhfkit.rl import rollout as rollout_module
     from rlhfkit.rl.rollout import Sampling, generate
 
-    sampling = Sampling(max_new_tokens=new_tokens, temperature=1.0)
+    sampling = Sampling(max_new_tokens=new_tokens, temperature=1.0, samples_per_prompt=group)
 
     def ours():
         torch.manual_seed(0)
@@ -81,7 +81,8 @@ def run_case(model, tokenizer, prompts, new_tokens: int, dtype: torch.dtype, rep
                 tokens[name] = int(rollout.response_mask.sum())
                 tokens[name + "_rollout"] = rollout
             steps = tokens["sampler_rollout"].response_mask.shape[1]
-            times["forward"].append(timed_call(lambda: forward_only(model, tokenizer, prompts, steps))[0])
+            every_row = [p for p in prompts for _ in range(group)]
+            times["forward"].append(timed_call(lambda: forward_only(model, tokenizer, every_row, steps))[0])
     same = torch.equal(tokens["sampler_rollout"].input_ids, tokens["generate_rollout"].input_ids)
     r = tokens["sampler_rollout"]
     return {"sampler_s": statistics.median(times["sampler"]), "generate_s": statistics.median(times["generate"]),
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="32,128", help="new tokens per response")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--group", type=int, default=1, help="samples per prompt (GRPO's G): each call samples G "
+                        "responses to each of prompts / G prompts (generate: num_return_sequences)")
     parser.add_argument("--eos-bias", type=float, default=2.5, help="EOS logit bias of the 'early' regime")
     parser.add_argument("--profile", action="store_true", help="also split one decoding step by operator")
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
@@ -160,9 +163,9 @@ def main() -> None:
     import transformers
 
     print(f"config {args.config}: Llama hidden {cfg['hidden']}, {cfg['layers']} layers, FFN {cfg['ffn']}, vocab "
-          f"{facts['vocab']}; {args.dtype}; {args.threads} threads; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; matrix-product rate {rate:.0f} GFLOP/s\n")
-    print("| regime | prompts | new tokens | mean response | sampler tok/s | generate tok/s | speed-up | same tokens "
+          f"{facts['vocab']}; {args.group} sample(s) per prompt; {args.dtype}; {args.threads} threads; torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; matrix-product rate {rate:.0f} GFLOP/s\n")
+    print("| regime | rows | new tokens | mean response | sampler tok/s | generate tok/s | speed-up | same tokens "
           "| sampler share of the matmul rate | generate share | forward passes alone, share of sampler time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
@@ -170,7 +173,8 @@ def main() -> None:
         model, tokenizer = load(work, bias)
         for batch in batches:
             for new_tokens in lengths:
-                m = run_case(model, tokenizer, prompt_ids[:batch], new_tokens, dtype, args.repeats)
+                m = run_case(model, tokenizer, prompt_ids[:max(1, batch // args.group)], new_tokens, dtype,
+                             args.repeats, args.group)
                 flops = forward_flops(cfg, facts["vocab"], batch, m["prompt_len"], m["response_len"])
                 m.update(regime=regime, batch=batch, new_tokens=new_tokens)
                 results.append(m)

@@ -59,3 +59,11 @@ def test_sampler_benchmark_smoke_run(tmp_path):
     results = json.loads((tmp_path / "tiny" / "sampler-float32.json").read_text())["results"]
     assert [(r["regime"], r["batch"]) for r in results] == [("full", 1), ("full", 3), ("early", 1), ("early", 3)]
     assert all(r["sampler_s"] > 0 and r["generate_s"] > 0 for r in results)
+    # G samples per prompt: 2 prompts x 2 samples per call, still generate's tokens.
+    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--batches", "4", "--lengths", "4", "--group",
+                           "2", "--repeats", "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| full", "| early"))]
+    assert len(rows) == 2 and all("| True |" in row for row in rows)
+
