@@ -404,8 +404,9 @@ def test_docs_state_k3_and_the_value_loss_as_computed():
 
     import torch
 
-    from rlhfkit.ppo import core
+    from rlhfkit.ppo import core as ppo_core
     from rlhfkit.ppo.config import PPOConfig
+    from rlhfkit.rl import core
 
     help_text = next(f.metadata["help"] for f in dataclasses.fields(PPOConfig) if f.name == "kl_estimator")
     assert "r = log pi - log pi_ref" in help_text and "k3 = exp(-r) - 1 + r" in help_text
@@ -416,5 +417,5 @@ def test_docs_state_k3_and_the_value_loss_as_computed():
     assert help_text in readme  # the configuration reference repeats the help
     assert "loss 0.5 x max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2)" in readme
     values, returns = torch.tensor([[3.0]]), torch.tensor([[1.0]])
-    loss, _ = core.value_loss(values, values, returns, torch.ones(1, 1, dtype=torch.bool), 0.2)
+    loss, _ = ppo_core.value_loss(values, values, returns, torch.ones(1, 1, dtype=torch.bool), 0.2)
     assert loss.item() == pytest.approx(0.5 * 2.0 ** 2)

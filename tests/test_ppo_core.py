@@ -1,4 +1,4 @@
-"""The PPO math in rlhfkit.ppo.core against numbers worked out by hand.
+"""The RL math (rlhfkit.rl.core, and PPO's own in rlhfkit.ppo.core) against numbers worked out by hand.
 
 Every expected value here is written out literally or computed with plain Python floats and `math`, never with the
 torch code under test. Tensors are float64 so that the tolerances can be tight. Masked positions are filled with
@@ -13,7 +13,8 @@ import statistics
 import pytest
 import torch
 
-from rlhfkit.ppo import core
+from rlhfkit.ppo import core as ppo_core
+from rlhfkit.rl import core
 
 ATOL = 1e-6
 NAN, INF, HUGE = float("nan"), float("inf"), 1e6
@@ -67,7 +68,7 @@ def test_gae_one_row_worked_out_by_hand():
     # A_1 = -1.65 + 0.72 * 1.5    = -0.57
     # A_0 =  0.5  + 0.72 * -0.57  =  0.0896
     # returns = A + V = [0.5896, 0.43, 1.0]
-    advantages, returns = core.gae(values, rewards, m([[1, 1, 1]]), gamma=0.9, lam=0.8)
+    advantages, returns = ppo_core.gae(values, rewards, m([[1, 1, 1]]), gamma=0.9, lam=0.8)
     close(advantages, [[0.0896, -0.57, 1.5]], atol=1e-12)
     close(returns, [[0.5896, 0.43, 1.0]], atol=1e-12)
 
@@ -80,8 +81,8 @@ def test_gae_right_padding_garbage_is_ignored_and_masked_positions_are_zero(garb
     dirty_values = torch.where(mask, clean_values, torch.full_like(clean_values, garbage))
     dirty_rewards = torch.where(mask, clean_rewards, torch.full_like(clean_rewards, garbage))
 
-    adv_clean, ret_clean = core.gae(clean_values, clean_rewards, mask, gamma=0.95, lam=0.9)
-    adv_dirty, ret_dirty = core.gae(dirty_values, dirty_rewards, mask, gamma=0.95, lam=0.9)
+    adv_clean, ret_clean = ppo_core.gae(clean_values, clean_rewards, mask, gamma=0.95, lam=0.9)
+    adv_dirty, ret_dirty = ppo_core.gae(dirty_values, dirty_rewards, mask, gamma=0.95, lam=0.9)
 
     # Exactly equal (not merely close), and exactly 0 where masked.
     torch.testing.assert_close(adv_dirty, adv_clean, atol=0, rtol=0)
@@ -99,7 +100,7 @@ def test_gae_hole_in_mask_next_valid_token_plays_t_plus_1():
     mask_rows = [[1, 0, 1, 0, 1], [0, 1, 1, 0, 1]]
     values_rows = [[0.5, HUGE, -0.25, NAN, 0.75], [NAN, 0.2, 0.6, -HUGE, -0.4]]
     rewards_rows = [[0.1, NAN, 0.3, HUGE, 1.0], [HUGE, 0.0, -0.5, NAN, 2.0]]
-    adv, ret = core.gae(t(values_rows), t(rewards_rows), m(mask_rows), gamma=0.9, lam=0.8)
+    adv, ret = ppo_core.gae(t(values_rows), t(rewards_rows), m(mask_rows), gamma=0.9, lam=0.8)
     for row in range(2):
         adv_hand, ret_hand = gae_by_hand(values_rows[row], rewards_rows[row], mask_rows[row], 0.9, 0.8)
         close(adv[row], adv_hand, atol=1e-12)
@@ -114,7 +115,7 @@ def test_gae_gamma_1_lam_1_is_future_reward_sum_minus_value():
     mask_rows = [[1, 1, 1, 1], [1, 1, 1, 0]]
     values_rows = [[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -0.5, HUGE]]
     rewards_rows = [[0.1, 0.2, -0.4, 1.5], [0.0, 0.3, 0.7, HUGE]]
-    adv, ret = core.gae(t(values_rows), t(rewards_rows), m(mask_rows), gamma=1.0, lam=1.0)
+    adv, ret = ppo_core.gae(t(values_rows), t(rewards_rows), m(mask_rows), gamma=1.0, lam=1.0)
     for row in range(2):
         n = sum(mask_rows[row])
         expected_adv = [sum(rewards_rows[row][i:n]) - values_rows[row][i] for i in range(n)] + [0.0] * (4 - n)
@@ -178,14 +179,14 @@ def test_explained_variance_by_hand():
     mask = m([[1, 1, 0], [1, 0, 0]])
     returns = t([[1.0, 2.0, HUGE], [4.0, NAN, 0.0]])
     # A perfect critic explains everything, even with garbage values at masked positions.
-    assert core.explained_variance(t([[1.0, 2.0, -HUGE], [4.0, INF, 7.0]]), returns, mask) == pytest.approx(1.0)
+    assert ppo_core.explained_variance(t([[1.0, 2.0, -HUGE], [4.0, INF, 7.0]]), returns, mask) == pytest.approx(1.0)
     # Predicting the mean of the returns (7/3) explains nothing: Var(returns - 7/3) = Var(returns).
     mean_values = t([[7 / 3, 7 / 3, NAN], [7 / 3, 0.0, 0.0]])
-    assert core.explained_variance(mean_values, returns, mask) == pytest.approx(0.0, abs=1e-12)
+    assert ppo_core.explained_variance(mean_values, returns, mask) == pytest.approx(0.0, abs=1e-12)
     # values [1, 2, 3]: residuals [0, 0, 1] have (Bessel) variance 1/3; returns [1, 2, 4] have 7/3: EV = 6/7.
-    assert core.explained_variance(t([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]), returns, mask) == pytest.approx(6 / 7)
+    assert ppo_core.explained_variance(t([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]), returns, mask) == pytest.approx(6 / 7)
     # Constant returns: the ratio is undefined.
-    assert math.isnan(core.explained_variance(returns, t([[2.0, 2.0, 0.0], [2.0, 0.0, 0.0]]), mask))
+    assert math.isnan(ppo_core.explained_variance(returns, t([[2.0, 2.0, 0.0], [2.0, 0.0, 0.0]]), mask))
 
 
 # ------------------------------------------------------------------------------------------------- policy outputs
@@ -379,14 +380,14 @@ def test_value_loss_by_hand():
     old = t([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     returns = t([[2.0, 2.0, 0.0], [0.5, -3.0, 10.0]])
     mask = m([[1, 1, 1], [1, 1, 0]])
-    loss, stats = core.value_loss(values, old, returns, mask, cliprange_value=0.2)
+    loss, stats = ppo_core.value_loss(values, old, returns, mask, cliprange_value=0.2)
     close(loss, [[0.32, 0.405, 1.125], [1.125, 3.92, 48.02]], atol=1e-12)
     close(stats["vf_clipfrac"], 2 / 5, atol=1e-12)
 
 
 def test_value_loss_gradient_zero_where_clipped():
     values = t([[1.5, 1.5]]).requires_grad_(True)
-    loss, _ = core.value_loss(values, t([[1.0, 1.0]]), t([[2.0, 0.0]]), m([[1, 1]]), cliprange_value=0.2)
+    loss, _ = ppo_core.value_loss(values, t([[1.0, 1.0]]), t([[2.0, 0.0]]), m([[1, 1]]), cliprange_value=0.2)
     (grad,) = torch.autograd.grad(loss.sum(), values)
     # Token 0: the clipped term won and does not depend on v -> 0. Token 1: d/dv 0.5 (v - G)^2 = v - G = 1.5.
     close(grad, [[0.0, 1.5]], atol=1e-12)
@@ -436,7 +437,7 @@ def test_aggregate_unknown_mode_raises():
 
 # ---------------------------------------------------------------------------------------------- the KL controller
 def test_kl_controller_fixed_when_target_is_zero():
-    ctl = core.AdaptiveKLController(0.05, target=0.0)
+    ctl = ppo_core.AdaptiveKLController(0.05, target=0.0)
     for kl in (0.0, 6.0, 100.0):
         ctl.update(kl, 256)
     assert ctl.value == 0.05
@@ -450,13 +451,13 @@ def test_kl_controller_fixed_when_target_is_zero():
     (0.0, -0.2),     # 0 / 6 - 1 = -1, clipped to -0.2
 ])
 def test_kl_controller_proportional_update(current_kl, error):
-    ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = ppo_core.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(current_kl, 100)
     assert ctl.value == pytest.approx(0.1 * (1 + error * 100 / 10000), rel=1e-12, abs=0)
 
 
 def test_kl_controller_updates_compound_and_skip_non_finite():
-    ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = ppo_core.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(12.0, 100)
     ctl.update(float("nan"), 100)  # a non-finite KL leaves the coefficient alone
     ctl.update(float("inf"), 100)
@@ -473,7 +474,7 @@ def test_masked_positions_cannot_put_nan_into_gradients():
     # d/dlogp of -A * ratio at the valid token (ratio exp(-0.1) is inside the clip range): -0.5 * exp(-0.1).
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 * math.exp(-0.1), 0.0]]), atol=1e-6, rtol=0)
     values = torch.tensor([[1.9, float("inf")]], requires_grad=True)
-    vf, _ = core.value_loss(values, torch.tensor([[2.0, 0.0]]), torch.tensor([[2.5, 0.0]]), mask, 0.2)
+    vf, _ = ppo_core.value_loss(values, torch.tensor([[2.0, 0.0]]), torch.tensor([[2.5, 0.0]]), mask, 0.2)
     core.aggregate(vf, mask).backward()
     # Unclipped term wins ((1.9-2.5)^2 = 0.36 vs (1.9-2.5)^2 clipped the same): d/dv of 0.5 (v-G)^2 = v - G = -0.6.
     torch.testing.assert_close(values.grad, torch.tensor([[-0.6, 0.0]]), atol=1e-6, rtol=0)

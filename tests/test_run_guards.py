@@ -332,16 +332,16 @@ def test_a_nan_reward_skips_that_iteration_and_names_the_function_and_rows(tiny_
 def test_a_non_finite_ppo_gradient_skips_the_step_with_a_warning(tiny_models, work, tmp_path, capsys, monkeypatch):
     """A NaN policy loss in iteration 2 (its only optimizer step: one epoch, one minibatch): the step engine steps
     neither actor nor critic, the run says so and goes on."""
-    from rlhfkit.ppo import core
+    import rlhfkit.ppo.train as ppo_train
 
-    real, calls = core.policy_loss, [0]
+    real, calls = ppo_train.policy_loss, [0]
 
     def nan_in_iteration_2(*args, **kwargs):
         calls[0] += 1
         loss, stats = real(*args, **kwargs)
         return (loss * float("nan"), stats) if calls[0] == 2 else (loss, stats)
 
-    monkeypatch.setattr(core, "policy_loss", nan_in_iteration_2)
+    monkeypatch.setattr(ppo_train, "policy_loss", nan_in_iteration_2)
     out = tmp_path / "ppo"
     code, err = cli(capsys, *ppo(tiny_models["llama"], work, out, "--ppo-epochs", "1", "--save-every", "0"))
     assert code == 0, err

@@ -1,6 +1,6 @@
 """The critic-free advantage estimators as small pure torch functions: tensors and numbers in, tensors out.
 
-Shapes, as in ppo/core.py:
+Shapes, as in rl/core.py:
     B  sequences in the batch, laid out as groups of G consecutive rows (the G samples of one prompt): B = n * G
     R  response tokens per sequence
     scores (B,) float: one reward per sequence
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.ppo.core import masked_whiten
+from rlhfkit.rl.core import masked_whiten
 
 ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")
 

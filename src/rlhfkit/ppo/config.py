@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhfkit.config import option, require
-from rlhfkit.ppo.core import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rlhfkit.rl.core import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from rlhfkit.training.common import CommonConfig, check_data_specs, check_model_path
 
 

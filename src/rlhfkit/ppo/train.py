@@ -2,9 +2,9 @@
 estimates values; clipped policy and value updates, with the pretraining loss (PTX) mixed into the actor's.
 
 `run_ppo` sets up the models; `ppo_iteration` is one iteration, its six steps in order; `ppo_update` is step 6.
-The math is in ppo/core.py. The RL layer the algorithms share: rollouts and forward passes in rl/rollout.py (sampled
-by rl/sampler.py), the reward in rl/scoring.py, the outer loop (iterations, skipped ones, logging, samples,
-checkpoints) in rl/loop.py.
+PPO's own math is in ppo/core.py. The RL layer the algorithms share: the shared math in rl/core.py, rollouts and
+forward passes in rl/rollout.py (sampled by rl/sampler.py), the reward in rl/scoring.py, the outer loop (iterations,
+skipped ones, logging, samples, checkpoints) in rl/loop.py.
 
 On several ranks (DDP or FSDP), each rank generates, scores and runs the experience passes for its share of the
 iteration's prompts; then every rank holds the whole batch of experience, so rewards, GAE, advantage whitening and the
@@ -33,6 +33,8 @@ from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load
                             load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
+from rlhfkit.rl.core import (aggregate, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
+                             per_token_rewards, policy_loss)
 from rlhfkit.rl.loop import LoopSettings, run_iterations
 from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
                                 pad_responses, response_logprobs)
@@ -157,13 +159,13 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
         mean, std = models.reward_stats or (0.0, 1.0)  # set for rm-stats (and auto) when the reward model stored them
     shaped = shape_scores(scores, rollout.stopped, mean=mean, std=std, missing_eos_penalty=config.missing_eos_penalty,
                           missing_eos_score=config.missing_eos_score, clip=config.reward_clip)
-    kl = core.kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator)
-    rewards = core.per_token_rewards(shaped, kl, state.kl_ctl.value, mask)
+    kl = kl_estimate(old_logprobs, ref_logprobs, config.kl_estimator)
+    rewards = per_token_rewards(shaped, kl, state.kl_ctl.value, mask)
     # 5. GAE over valid tokens; returns = advantages + values; advantages whitened over valid tokens.
     advantages, returns = core.gae(old_values, rewards, mask, config.gamma, config.lam)
-    advantage_mean, advantage_var = core.masked_mean(advantages, mask).item(), core.masked_var(advantages, mask).item()
+    advantage_mean, advantage_var = masked_mean(advantages, mask).item(), masked_var(advantages, mask).item()
     if config.whiten_advantages:
-        advantages = core.masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask)
     experience = Experience(rollout, old_logprobs, ref_logprobs, old_values, scores, rewards, advantages, returns)
     # 6. Update: ppo_epochs over shuffled minibatches; clipped policy loss (+ PTX) for the actor, clipped value loss
     #    for the critic.
@@ -171,13 +173,13 @@ def ppo_iteration(iteration: int, config: PPOConfig, models: Models, data: Data,
         train_metrics = ppo_update(iteration, experience, config, models, data, state, world)
 
     # The KL controller sees this batch's mean per-sequence KL (k1, whatever estimator shapes the reward).
-    sequence_kl = core.masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
+    sequence_kl = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
     beta = state.kl_ctl.value
     state.kl_ctl.update(sequence_kl.mean().item(), config.batch_size)
     n_tokens = int(mask.sum())
     metrics = {
         "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "shaped_score": shaped.mean().item(), "reward": core.masked_sum(rewards, mask, dim=-1).mean().item(),
+        "shaped_score": shaped.mean().item(), "reward": masked_sum(rewards, mask, dim=-1).mean().item(),
         **({"monitor": monitor.mean().item()} if monitor is not None else {}),
         "kl": sequence_kl.mean().item(), "beta": beta,
         "response_length": mask.sum(-1).float().mean().item(), "eos_rate": rollout.stopped.float().mean().item(),
@@ -271,11 +273,11 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                         logprobs, entropy = response_logprobs(actor, ids, attn, p, config.temperature,
                                                               with_entropy=True,
                                                               entropy_grad=config.entropy_coef > 0)
-                        pg, pg_stats = core.policy_loss(logprobs, mb.take(exp.old_logprobs).to(device),
+                        pg, pg_stats = policy_loss(logprobs, mb.take(exp.old_logprobs).to(device),
                                                         mb.take(exp.advantages).to(device), mb_mask,
                                                         config.cliprange, config.dual_clip)
-                        pg_loss = core.aggregate(pg, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
-                        entropy_mean = core.aggregate(entropy, mb_mask, config.loss_agg, denominator,
+                        pg_loss = aggregate(pg, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
+                        entropy_mean = aggregate(entropy, mb_mask, config.loss_agg, denominator,
                                                       config.max_new_tokens)
                         # DDP and FSDP average the ranks' gradients: times world.size makes that their sum.
                         ((pg_loss - config.entropy_coef * entropy_mean) * world.size).backward()
@@ -285,7 +287,7 @@ def ppo_update(iteration: int, exp: Experience, config: PPOConfig, models: Model
                     values = critic(ids, attn)[:, p - 1:-1]
                     vf, vf_stats = core.value_loss(values, mb.take(exp.old_values).to(device),
                                                    mb.take(exp.returns).to(device), mb_mask, config.cliprange_value)
-                    vf_loss = core.aggregate(vf, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
+                    vf_loss = aggregate(vf, mb_mask, config.loss_agg, denominator, config.max_new_tokens)
                     (config.vf_coef * vf_loss * world.size).backward()
                 _add(sums, {"value_loss": vf_loss.item(), **{k: v.item() * weight for k, v in vf_stats.items()}})
             if train_actor and data.ptx:

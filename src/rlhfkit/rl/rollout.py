@@ -15,7 +15,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rlhfkit.data.batching import chunks
 from rlhfkit.models import position_ids, token_values
-from rlhfkit.ppo.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
+from rlhfkit.rl.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
 from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
 
