@@ -111,3 +111,19 @@ def color_preference_rows(n: int = 96, seed: int = 0) -> list[dict]:
         rows.append({"prompt": f"\n\nHuman: What color is item {k}?\n\nAssistant:",
                      "chosen": f" Item {k} is {c}.", "rejected": " No."})
     return rows
+
+
+def with_eos_bias(model, eos_id: int, bias: float):
+    """`model` with a biased output head that favours EOS by `bias` logits (the head's other weights kept), so that
+    sampled responses end at different steps."""
+    import torch
+
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos_id] = bias
+    model.set_output_embeddings(biased)
+    return model
+

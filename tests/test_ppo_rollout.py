@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import corpus
+from conftest import corpus, with_eos_bias
 from transformers import AutoTokenizer
 
 from rlhfkit.config import ConfigError
@@ -242,15 +242,7 @@ def test_generate_cuts_after_eos_and_stop_strings(tokenizer):
 
 def eos_biased_llama(tiny_models, tokenizer, bias: float, arch: str = "llama"):
     """The tiny Llama (or `arch`) with an lm_head bias that makes EOS likely at each step (about 1 in 6 for bias 3)."""
-    model = load_causal_lm(str(tiny_models[arch]), tokenizer)
-    head = model.lm_head
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[tokenizer.eos_token_id] = bias
-    model.lm_head = biased
-    return model
+    return with_eos_bias(load_causal_lm(str(tiny_models[arch]), tokenizer), tokenizer.eos_token_id, bias)
 
 
 def check_rollout_layout(rollout: Rollout, prompts, tokenizer, max_new_tokens: int) -> None:

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from conftest import with_eos_bias
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from rlhfkit.models import add_lora
@@ -32,15 +33,7 @@ def tiny_lm(arch: str | MistralConfig, tokenizer, eos_bias: float = 3.0, seed: i
     torch.manual_seed(seed)
     config = arch if isinstance(arch, MistralConfig) else tiny_config(arch, len(tokenizer), hidden=32, layers=2,
                                                                        heads=4, eos_id=tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[tokenizer.eos_token_id] = eos_bias
-    model.set_output_embeddings(biased)
-    return model.eval()
+    return with_eos_bias(AutoModelForCausalLM.from_config(config), tokenizer.eos_token_id, eos_bias).eval()
 
 
 def eos_bias_for_greedy(model, prompts, tokenizer) -> None:

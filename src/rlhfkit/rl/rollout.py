@@ -19,7 +19,6 @@ from rlhfkit.rl.core import entropy_from_logits, logprobs_from_logits, truncate_
 from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
 
-
 @dataclass
 class Rollout:
     input_ids: torch.Tensor  # (B, P + R) prompt left-padded, response right-padded
