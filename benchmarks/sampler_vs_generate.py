@@ -173,12 +173,13 @@ def main() -> None:
         model, tokenizer = load(work, bias)
         for batch in batches:
             for new_tokens in lengths:
-                m = run_case(model, tokenizer, prompt_ids[:max(1, batch // args.group)], new_tokens, dtype,
-                             args.repeats, args.group)
-                flops = forward_flops(cfg, facts["vocab"], batch, m["prompt_len"], m["response_len"])
-                m.update(regime=regime, batch=batch, new_tokens=new_tokens)
+                prompts = max(1, batch // args.group)
+                rows = prompts * args.group  # what is sampled: `batch` rounded to whole groups
+                m = run_case(model, tokenizer, prompt_ids[:prompts], new_tokens, dtype, args.repeats, args.group)
+                flops = forward_flops(cfg, facts["vocab"], rows, m["prompt_len"], m["response_len"])
+                m.update(regime=regime, batch=rows, new_tokens=new_tokens)
                 results.append(m)
-                print(f"| {regime} | {batch} | {new_tokens} | {m['response_len']:.0f} | "
+                print(f"| {regime} | {rows} | {new_tokens} | {m['response_len']:.0f} | "
                       f"{m['tokens'] / m['sampler_s']:.0f} | {m['tokens'] / m['generate_s']:.0f} | "
                       f"{m['generate_s'] / m['sampler_s']:.2f}x | {m['same_tokens']} | "
                       f"{flops / m['sampler_s'] / 1e9 / rate:.0%} | {flops / m['generate_s'] / 1e9 / rate:.0%} | "
