@@ -102,3 +102,67 @@ def test_reinforce_pp_baseline_by_hand():
     got = core.reinforce_pp_baseline_advantages(t([1.0, 3.0]), 2, mask)
     mean, std = -1 / 3, math.sqrt(4 / 3 + 1e-8)
     close(got, [[(-1 - mean) / std, (-1 - mean) / std], [(1 - mean) / std, 0.0]])
+
+
+# ------------------------------------------------------------------------------------- the dispatcher and the loss
+def test_advantages_by_name_match_the_functions():
+    scores, mask = t([1.0, 3.0, 0.0, 0.0, 2.0, 4.0]), m([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0],
+                                                        [1, 1, 1]])
+    close(core.advantages("grpo", scores, 2, mask), core.per_token(core.group_advantages(scores, 2), mask))
+    close(core.advantages("dr-grpo", scores, 3, mask),
+          core.per_token(core.group_advantages(scores, 3, scale=False), mask))
+    close(core.advantages("rloo", scores, 3, mask), core.per_token(core.rloo_advantages(scores, 3), mask))
+    close(core.advantages("reinforce++-baseline", scores, 2, mask),
+          core.reinforce_pp_baseline_advantages(scores, 2, mask))
+    # reinforce++: the KL penalty enters the reward at every token: -0.5 * kl, and the score at the last token.
+    kl = t([[0.2, 0.4, 9.0]] * 6)
+    rewards = torch.where(mask, -0.5 * kl, torch.zeros(()))
+    for i in range(6):
+        rewards[i, int(mask[i].sum()) - 1] += scores[i]
+    close(core.advantages("reinforce++", scores, 2, mask, kl, 0.5), core.reinforce_pp_advantages(rewards, mask))
+    # dr-grpo by hand: group (0, 0, 2) has mean 2/3
+    close(core.advantages("dr-grpo", t([0.0, 0.0, 2.0]), 3, m([[1], [1], [1]])), t([[-2 / 3], [-2 / 3], [4 / 3]]))
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        core.advantages("ppo", scores, 2, mask)
+
+
+def test_grpo_loss_against_a_plain_loop():
+    """The vectorised loss grpo_update builds (clipped surrogate with clip-higher, + beta * k3 to the reference,
+    aggregated three ways) against a loop over sequences and tokens, on float64."""
+    from rlhfkit.rl.core import aggregate, kl_estimate, policy_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, R, G, beta, low, high = 6, 5, 3, 0.04, 0.2, 0.28
+    mask = m([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    logp = -torch.rand(B, R, generator=g, dtype=torch.float64) * 3
+    old = logp + (torch.rand(B, R, generator=g, dtype=torch.float64) - 0.5) * 0.8  # ratios out to e^0.4
+    ref = logp + (torch.rand(B, R, generator=g, dtype=torch.float64) - 0.5)
+    scores = t([1.0, 0.0, 2.0, 0.5, 0.5, 3.0])
+    adv = core.advantages("grpo", scores, G, mask)
+    pg, _ = policy_loss(logp, old, adv, mask, low, 0.0, high)
+    per_token_loss = pg + beta * kl_estimate(logp, ref, "k3")
+
+    def loop(mode: str) -> float:
+        groups = [scores[i:i + G].tolist() for i in range(0, B, G)]
+        per_seq, tokens = [], 0
+        for i in range(B):
+            group = groups[i // G]
+            a = (scores[i].item() - statistics.mean(group)) / (statistics.stdev(group) + 1e-6)
+            terms = []
+            for k in range(R):
+                if not mask[i, k]:
+                    continue
+                ratio = math.exp(logp[i, k].item() - old[i, k].item())
+                surrogate = max(-a * ratio, -a * min(max(ratio, 1 - low), 1 + high))
+                r = logp[i, k].item() - ref[i, k].item()
+                terms.append(surrogate + beta * (math.exp(-r) - 1 + r))
+            per_seq.append(terms)
+            tokens += len(terms)
+        if mode == "token-mean":
+            return sum(sum(s) for s in per_seq) / tokens
+        if mode == "seq-mean-token-mean":
+            return sum(sum(s) / len(s) for s in per_seq) / B
+        return sum(sum(s) / R for s in per_seq) / B  # seq-mean-token-sum-norm, max_new_tokens = R
+
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        assert aggregate(per_token_loss, mask, mode, token_norm=R).item() == pytest.approx(loop(mode), abs=1e-12)

@@ -399,9 +399,9 @@ def test_aggregate_token_mean_vs_seq_mean_by_hand():
     mask = m([[1, 1, 1, 0], [1, 0, 0, 0]])
     close(core.aggregate(loss, mask, "token-mean"), (1 + 2 + 3 + 4) / 4, atol=1e-12)       # 2.5
     close(core.aggregate(loss, mask), 2.5, atol=1e-12)                                      # the default
-    close(core.aggregate(loss, mask, "seq-mean"), ((1 + 2 + 3) / 3 + 4 / 1) / 2, atol=1e-12)  # 3.0
+    close(core.aggregate(loss, mask, "seq-mean-token-mean"), ((1 + 2 + 3) / 3 + 4 / 1) / 2, atol=1e-12)  # 3.0
     close(core.aggregate(loss, mask, "token-mean", denominator=8.0), 10 / 8, atol=1e-12)
-    close(core.aggregate(loss, mask, "seq-mean", denominator=4.0), 6 / 4, atol=1e-12)
+    close(core.aggregate(loss, mask, "seq-mean-token-mean", denominator=4.0), 6 / 4, atol=1e-12)
 
 
 def test_aggregate_seq_mean_token_sum_norm_by_hand():
@@ -416,7 +416,7 @@ def test_aggregate_seq_mean_token_sum_norm_by_hand():
         core.aggregate(loss, mask, "seq-mean-token-sum-norm")
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_aggregate_micro_batches_add_up_to_the_whole(mode):
     loss = t([[1.0, 2.0, 3.0, NAN], [4.0, HUGE, 0.0, 0.0], [0.5, -1.5, 2.5, 7.0], [9.0, 1.0, INF, 0.0]])
     mask = m([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
@@ -425,7 +425,7 @@ def test_aggregate_micro_batches_add_up_to_the_whole(mode):
     parts = [core.aggregate(loss[s], mask[s], mode, denominator=denominator, token_norm=4)
              for s in (slice(0, 2), slice(2, 4))]
     close(parts[0] + parts[1], core.aggregate(loss, mask, mode, token_norm=4), atol=1e-12)
-    expected = {"token-mean": (6 + 4 + 8.5 + 10) / 10, "seq-mean": (2 + 4 + 8.5 / 4 + 5) / 4,
+    expected = {"token-mean": (6 + 4 + 8.5 + 10) / 10, "seq-mean-token-mean": (2 + 4 + 8.5 / 4 + 5) / 4,
                 "seq-mean-token-sum-norm": (6 + 4 + 8.5 + 10) / 4 / 4}[mode]
     close(core.aggregate(loss, mask, mode, token_norm=4), expected, atol=1e-12)
 

@@ -169,7 +169,7 @@ def test_critic_warmup_leaves_the_actor_unchanged(tiny_models, files, tmp_path):
                            critic_start.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batches_accumulate_to_the_minibatch(tiny_models, files, tmp_path, loss_agg):
     """micro_batch_size 2 and 8 make the same updates (up to float summation order). The stop string "e" gives
     responses of different lengths, so micro-batches hold different token counts: averaging each micro-batch over
@@ -273,10 +273,11 @@ def test_cli_ppo_with_reward_model_and_with_reward_function(tiny_models, tokeniz
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--reward", "RM", "--reward-fn", "x.py:f"], "exactly one of --reward"),
+    (["--reward-fn", "REWARDS:count_e", "--reward-weights", "1,2"], "reward_weights: 2 weights for 1 reward sources"),
     (["--reward-fn", "missing.py:f"], "reward_fn: missing.py does not exist"),
     (["--reward-fn", "REWARDS:nope"], "has no function 'nope'"),
-    (["--reward-fn", "REWARDS:count_e", "--mini-batch-size", "3"], "mini_batch_size: 3 must divide batch_size 8"),
+    (["--reward-fn", "REWARDS:count_e", "--mini-batch-size", "3"],
+     "mini_batch_size: 3 must divide the 8 sequences of an iteration"),
     (["--reward-fn", "REWARDS:count_e", "--temperature", "0"], "temperature: must be > 0"),
 ])
 def test_cli_ppo_config_errors_are_one_line(tiny_models, files, tmp_path, capsys, args, message):

@@ -18,7 +18,8 @@ stages:
   demo       the whole pipeline offline on a CPU (pretrain, SFT, RM, PPO + PTX) with a gold evaluation
   sft        supervised fine-tuning of a causal LM on demonstrations
   rm         train a reward model on preference pairs
-  ppo        PPO with a reward model or function, KL penalty, GAE and PTX
+  ppo        PPO with a reward model or functions, KL penalty, GAE and PTX
+  grpo       critic-free RL: GRPO, Dr.GRPO, RLOO, REINFORCE++ on groups of samples per prompt
 tools:
   eval-rm    a reward model's accuracy and example scores on preference pairs
   compare    several models' responses to the same prompts side by side, with reward-model scores
@@ -71,6 +72,13 @@ def _ppo(argv: list[str]) -> int:
 
     return _stage("ppo", "rlhfkit.ppo.train:run_ppo", parse_config(PPOConfig, argv, "rlhfkit ppo",
                                                "PPO with the actor, reference, critic and reward (stage 3)."), argv)
+
+
+def _grpo(argv: list[str]) -> int:
+    from rlhfkit.grpo.config import GRPOConfig
+
+    return _stage("grpo", "rlhfkit.grpo.train:run_grpo", parse_config(GRPOConfig, argv, "rlhfkit grpo",
+                  "Critic-free RL (GRPO, Dr.GRPO, RLOO, REINFORCE++) with a reward model or functions."), argv)
 
 
 def _eval_rm(argv: list[str]) -> int:
@@ -158,8 +166,8 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     return 2 if unreadable else 1 if problems else 0
 
 
-COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "eval-rm": _eval_rm, "compare": _compare,
-            "chat": _chat, "data": _data}
+COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "grpo": _grpo, "eval-rm": _eval_rm,
+            "compare": _compare, "chat": _chat, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

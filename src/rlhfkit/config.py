@@ -134,8 +134,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default!r})", "dest": f.name}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        if is_list:
+        if is_list:  # a repeated flag adds to the list: --reward-fn a.py:f --reward-fn b.py:g
             kwargs["nargs"] = "+"
+            kwargs["action"] = "extend"
         elif scalar is bool:
             kwargs["nargs"] = "?"
             kwargs["const"] = "true"

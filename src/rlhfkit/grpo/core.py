@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.rl.core import masked_whiten
+from rlhfkit.rl.core import masked_whiten, per_token_rewards
 
 ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")
 
@@ -76,3 +76,24 @@ def reinforce_pp_baseline_advantages(scores: torch.Tensor, group_size: int, resp
     whitened over the valid tokens of the whole batch. (B,), (B, R) -> (B, R)"""
     centred = group_advantages(scores, group_size, scale=False)
     return masked_whiten(per_token(centred, response_mask), response_mask)
+
+
+def advantages(estimator: str, scores: torch.Tensor, group_size: int, response_mask: torch.Tensor,
+               kl: torch.Tensor | None = None, kl_coef: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+    """Per-token advantages (B, R) by the estimator's name (one of ESTIMATORS), 0 where masked. scores (B,);
+    kl (B, R) and kl_coef are read by reinforce++ alone, whose per-token reward carries the KL penalty."""
+    if estimator in ("grpo", "dr-grpo"):
+        return per_token(group_advantages(scores, group_size, scale=estimator == "grpo", eps=eps), response_mask)
+    if estimator == "rloo":
+        return per_token(rloo_advantages(scores, group_size), response_mask)
+    if estimator == "reinforce++":
+        kl = torch.zeros(response_mask.shape) if kl is None else kl
+        return reinforce_pp_advantages(per_token_rewards(scores, kl, kl_coef, response_mask), response_mask)
+    if estimator == "reinforce++-baseline":
+        return reinforce_pp_baseline_advantages(scores, group_size, response_mask)
+    raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ESTIMATORS}")
+
+
+def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n,) each group's reward std (Bessel-corrected, as grpo divides by it)."""
+    return _groups(scores, group_size).std(-1)

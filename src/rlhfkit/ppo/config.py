@@ -1,54 +1,19 @@
-"""`rlhfkit ppo` options. Defaults name their source; the fields shared with SFT and RM (LoRA, dtype, optimizer,
-checkpoints) are in training/common.py and keep their meaning, with `max_steps`, `batch_size` and `save_every`
-counted in PPO iterations."""
+"""`rlhfkit ppo` options: the critic, reward shaping, the adaptive KL controller and GAE, on top of the options every
+on-policy algorithm shares (rl/config.py). Defaults name their source."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhfkit.config import option, require
-from rlhfkit.rl.core import KL_ESTIMATORS, LOSS_AGGREGATIONS
-from rlhfkit.training.common import CommonConfig, check_data_specs, check_model_path
+from rlhfkit.rl.config import RLConfig
 
 
 @dataclass
-class PPOConfig(CommonConfig):
-    # the four models
-    actor: str = option("", "policy to train, usually the SFT model (folder or hub id)", group="models")
-    reward: str = option("", "reward model (a one-label sequence classifier, e.g. `rlhfkit rm`'s output); any "
-                             "tokenizer: a different one than the actor's is served by re-tokenizing the text",
-                         group="models")
-    reward_fn: str = option("", "instead of a reward model, a Python function `module:function` or "
-                                "`path/file.py:function`, called as fn(prompts, responses, **prompt_columns) and "
-                                "returning one float per response", group="models")
-    monitor_fn: str = option("", "a function of the same form as --reward-fn whose mean is logged as `monitor` each "
-                                 "iteration but never trained on (e.g. a gold or verifiable metric beside a reward "
-                                 "model)", group="models")
+class PPOConfig(RLConfig):
     critic: str = option("", "value model to start from; default: the reward model (with --reward-fn, or a reward "
                              "model of another tokenizer: the actor with a new value head)", group="models")
-    ref: str = option("", "frozen reference policy for the KL penalty; default: the actor's starting weights (with "
-                          "LoRA, the actor with its adapter disabled: no second copy)", group="models")
-    offload_frozen: bool = option(False, "on GPU, keep the reference and reward models on the CPU while the actor "
-                                         "and critic train (ColossalChat's offload)", group="models")
-    shard_frozen: bool = option(False, "with --strategy fsdp, shard the reference and reward models over the ranks "
-                                       "too (less memory, a collective in each of their forward passes); default: "
-                                       "a whole copy on every rank", group="distributed")
-    # data
-    prompts: list[str] = option([], "prompt data (files, folders or hub names, PATH:WEIGHT); extra columns are "
-                                    "passed to --reward-fn", group="data")
-    ptx_data: list[str] = option([], "pretraining text ({\"text\": ...} rows) whose LM loss is mixed into the actor "
-                                     "update (InstructGPT's PPO-ptx)", group="data")
-    max_prompt_len: int = option(256, "prompts longer than this lose tokens from the left (after BOS)",
-                                 group="data")
-    # generation
-    max_new_tokens: int = option(128, "longest response in tokens", group="generation")
-    temperature: float = option(1.0, "sampling temperature, also applied to the log-probs PPO trains on",
-                                group="generation")
-    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability",
-                          group="generation")
-    top_k: int = option(0, "sample among the k most likely tokens (0 = all)", group="generation")
-    stop_strings: list[str] = option([], "text that ends a response like EOS does (kept, the rest masked)",
-                                     group="generation")
     # reward
     reward_norm: str = option("auto", "score normalisation before clipping: rm-stats = the mean/std `rlhfkit rm` "
                                       "stored with the model, running = of all scores so far, auto = rm-stats when "
@@ -56,16 +21,8 @@ class PPOConfig(CommonConfig):
                               choices=("auto", "none", "rm-stats", "running"))
     reward_clip: float = option(5.0, "clip the (normalised) score to +-this; 0 = off (5: DeepSpeed-Chat)",
                                 group="reward")
-    missing_eos_penalty: float = option(0.0, "subtracted from the score of a response that hit max_new_tokens "
-                                             "without stopping", group="reward")
-    missing_eos_score: float | None = option(None, "instead, the score such a response gets (after normalisation)",
-                                             group="reward")
-    kl_estimator: str = option("k1", "per-token KL estimate in the reward, with r = log pi - log pi_ref: k1 = r, "
-                                     "k2 = r^2/2, k3 = exp(-r) - 1 + r, i.e. ratio - 1 - log ratio for ratio = "
-                                     "pi_ref/pi (Schulman 2020)", group="reward",
-                               choices=KL_ESTIMATORS)
-    kl_coef: float = option(0.05, "beta, the KL penalty's weight (start value when adaptive; 0.05: TRL)",
-                            group="reward")
+    kl_coef: float = option(0.05, "beta, the KL penalty's weight in the reward (start value when adaptive; 0.05: "
+                                  "TRL)", group="reward")
     kl_target: float = option(0.0, "adapt beta towards this per-sequence KL (Ziegler et al. 2019: 6); 0 = fixed",
                               group="reward")
     kl_horizon: int = option(10000, "horizon of the adaptive controller, in sequences (Ziegler et al. 2019)",
@@ -73,110 +30,30 @@ class PPOConfig(CommonConfig):
     # ppo
     critic_lr: float = option(5e-6, "critic learning rate (the actor's is --lr; 5e-6: DeepSpeed-Chat)",
                               group="ppo")
-    ppo_epochs: int = option(1, "passes over each batch of experience (1: DeepSpeed-Chat, OpenRLHF)", group="ppo")
-    mini_batch_size: int = option(0, "sequences per optimizer step within an iteration; 0 = batch_size",
-                                  group="ppo")
     gamma: float = option(1.0, "discount (1: DeepSpeed-Chat, TRL)", group="ppo")
     lam: float = option(0.95, "GAE lambda (0.95: DeepSpeed-Chat, TRL)", group="ppo")
-    cliprange: float = option(0.2, "policy ratio clip (0.2: Schulman et al. 2017, DeepSpeed-Chat, TRL)", group="ppo")
     cliprange_value: float = option(0.2, "value clip around the rollout's values (0.2: DeepSpeed-Chat, TRL)",
                                     group="ppo")
-    dual_clip: float = option(0.0, "dual-clip bound c > 1 for negative advantages (Ye et al. 2020: 3); 0 = off",
-                              group="ppo")
     vf_coef: float = option(1.0, "value-loss weight (the critic has its own optimizer: this only scales its "
                                  "gradient before clipping)", group="ppo")
-    entropy_coef: float = option(0.0, "entropy bonus weight (0: DeepSpeed-Chat, TRL)", group="ppo")
-    loss_agg: str = option("token-mean", "loss reduction: token-mean over all valid tokens, seq-mean (mean per "
-                                         "sequence, then over sequences), or seq-mean-token-sum-norm (each "
-                                         "sequence's sum / max_new_tokens, then the mean; Dr.GRPO)", group="ppo",
-                           choices=LOSS_AGGREGATIONS)
     whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over valid tokens", group="ppo")
     critic_warmup_steps: int = option(0, "first iterations that train only the critic", group="ppo")
     ema_decay: float = option(0.0, "keep an EMA of the actor with this decay, saved as final_ema "
                                    "(0.992: DeepSpeed-Chat); 0 = off", group="ppo")
-    ptx_coef: float = option(0.05, "weight of the PTX LM loss in the actor loss, when --ptx-data is given "
-                                   "(0.05: OpenRLHF)", group="ppo")
-    ptx_batch_size: int = option(0, "PTX rows per actor optimizer step; 0 = mini_batch_size", group="ppo")
-    # reporting
-    sample_every: int = option(10, "every N iterations, log a table of prompts, responses and scores and append "
-                                    "it to samples.jsonl (0 = never)", group="training")
-    num_samples: int = option(3, "rows in that table", group="training")
-    # shared fields, re-documented for PPO
-    lr: float = option(1e-6, "actor learning rate (AdamW; 1e-6 is in the range DeepSpeed-Chat and OpenRLHF use)",
-                       group="training")
-    batch_size: int = option(8, "prompts per PPO iteration", group="training")
-    micro_batch_size: int = option(0, "sequences per forward pass when scoring and updating; 0 = as many as "
-                                      "micro_batch_tokens allows", group="training")
-    micro_batch_tokens: int = option(0, "with micro_batch_size 0: padded tokens per forward pass (0 = 2048 on CPU, "
-                                        "where larger passes are slower per token, 16384 on GPU)", group="training")
-    max_steps: int = option(0, "PPO iterations; 0 = as many as `epochs` over the prompts needs",
-                            group="training")
-    max_len: int = option(512, "longest PTX sequence in tokens (longer rows are cut at the end)", group="model")
-    warmup_steps: int = option(0, "optimizer steps of linear learning-rate warmup", group="training")
-    save_every: int = option(20, "write a checkpoint every N iterations (0 = never)", group="training")
+
+    extra_models: ClassVar[tuple[str, ...]] = ("critic",)
 
     def check(self) -> None:
-        require(bool(self.actor), "actor: required (the SFT model to train)")
-        require(bool(self.reward) != bool(self.reward_fn), "reward: give exactly one of --reward (a model) and "
-                                                           "--reward-fn (a Python function)")
-        require(bool(self.prompts), "prompts: required (one or more prompt files)")
         super().check()
-        require(not self.shard_frozen or self.strategy == "fsdp", "shard_frozen: needs --strategy fsdp")
-        require(not (self.shard_frozen and self.offload_frozen),
-                "shard_frozen: sharded frozen models stay in place; drop --offload-frozen")
-        for field in ("actor", "reward", "critic", "ref"):
-            if getattr(self, field):
-                check_model_path(getattr(self, field), field)
-        check_data_specs(self.prompts, "prompts")
-        check_data_specs(self.ptx_data, "ptx_data")
-        require(self.max_prompt_len >= 1, f"max_prompt_len: must be >= 1, got {self.max_prompt_len}")
-        require(self.max_new_tokens >= 1, f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
-        require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
-        require(self.top_k >= 0, f"top_k: must be >= 0, got {self.top_k}")
-        require(self.reward_norm != "rm-stats" or not self.reward_fn,
-                "reward_norm: rm-stats needs a reward model, not --reward-fn")
+        require(self.reward_norm != "rm-stats" or (self.reward and not self.reward_fn),
+                "reward_norm: rm-stats needs a reward model as the only reward source")
         require(self.reward_clip >= 0, f"reward_clip: must be >= 0, got {self.reward_clip}")
-        require(self.kl_coef >= 0, f"kl_coef: must be >= 0, got {self.kl_coef}")
         require(self.kl_target >= 0, f"kl_target: must be >= 0, got {self.kl_target}")
         require(self.kl_horizon >= 1, f"kl_horizon: must be >= 1, got {self.kl_horizon}")
         require(self.critic_lr > 0, f"critic_lr: must be > 0, got {self.critic_lr}")
-        require(self.ppo_epochs >= 1, f"ppo_epochs: must be >= 1, got {self.ppo_epochs}")
-        require(self.batch_size % self.mini_batch == 0,
-                f"mini_batch_size: {self.mini_batch} must divide batch_size {self.batch_size}")
-        require(self.mini_batch % (self.micro_batch_size or self.mini_batch) == 0,
-                f"micro_batch_size: {self.micro_batch_size} must divide mini_batch_size {self.mini_batch}")
-        require(self.micro_batch_tokens >= 0, f"micro_batch_tokens: must be >= 0, got {self.micro_batch_tokens}")
         require(0 <= self.gamma <= 1, f"gamma: must be in [0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"lam: must be in [0, 1], got {self.lam}")
-        require(self.cliprange > 0, f"cliprange: must be > 0, got {self.cliprange}")
         require(self.cliprange_value > 0, f"cliprange_value: must be > 0, got {self.cliprange_value}")
-        require(self.dual_clip == 0 or self.dual_clip > 1, f"dual_clip: must be 0 (off) or > 1, got {self.dual_clip}")
         require(self.vf_coef > 0, f"vf_coef: must be > 0, got {self.vf_coef}")
-        require(self.entropy_coef >= 0, f"entropy_coef: must be >= 0, got {self.entropy_coef}")
         require(self.critic_warmup_steps >= 0, f"critic_warmup_steps: must be >= 0, got {self.critic_warmup_steps}")
         require(0 <= self.ema_decay < 1, f"ema_decay: must be in [0, 1), got {self.ema_decay}")
-        require(self.ptx_coef >= 0, f"ptx_coef: must be >= 0, got {self.ptx_coef}")
-        require(self.ptx_batch_size >= 0, f"ptx_batch_size: must be >= 0, got {self.ptx_batch_size}")
-        require(self.sample_every >= 0, f"sample_every: must be >= 0, got {self.sample_every}")
-        require(self.num_samples >= 0, f"num_samples: must be >= 0, got {self.num_samples}")
-        self._check_lengths()
-
-    def _check_lengths(self) -> None:
-        """Every model sees a prompt and its response; the actor also PTX rows of max_len."""
-        from rlhfkit.models import check_positions
-
-        tokens = self.max_prompt_len + self.max_new_tokens
-        what = f"max_prompt_len + max_new_tokens ({self.max_prompt_len} + {self.max_new_tokens})"
-        needs = [(getattr(self, f), f, tokens, what) for f in ("actor", "ref", "critic", "reward") if getattr(self, f)]
-        if self.use_ptx:
-            needs.append((self.actor, "actor", self.max_len, "max_len (PTX rows)"))
-        check_positions(needs)
-
-    @property
-    def mini_batch(self) -> int:
-        return self.mini_batch_size or self.batch_size
-
-    @property
-    def use_ptx(self) -> bool:
-        return bool(self.ptx_data) and self.ptx_coef > 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-sum-norm")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 # ------------------------------------------------------------------------------------------------ masked statistics
@@ -147,7 +147,7 @@ def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, mode: str = "toke
     """Reduce a per-token loss (B, R) to a scalar.
 
     token-mean: sum over valid tokens / number of valid tokens (long responses weigh more; DAPO);
-    seq-mean: each sequence's mean over its valid tokens, then the mean over sequences (the original GRPO);
+    seq-mean-token-mean: each sequence's mean over its valid tokens, then the mean over sequences (the original GRPO);
     seq-mean-token-sum-norm: each sequence's sum over its valid tokens / `token_norm` (a constant, the longest response
     allowed), then the mean over sequences (Dr.GRPO, Liu et al. 2025: no length bias from a per-sequence mean).
     `denominator` replaces the token (or sequence) count: gradient accumulation passes the count of the whole
@@ -156,7 +156,7 @@ def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, mode: str = "toke
     if mode == "token-mean":
         total = masked_sum(loss, response_mask)
         count = response_mask.sum()
-    elif mode == "seq-mean":
+    elif mode == "seq-mean-token-mean":
         total = (masked_sum(loss, response_mask, dim=-1) / response_mask.sum(-1).clamp(min=1)).sum()
         count = loss.shape[0]
     elif mode == "seq-mean-token-sum-norm":

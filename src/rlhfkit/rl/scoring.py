@@ -227,6 +227,37 @@ class RewardModelScorer:
         return pad_right(sequences, self.tokenizer.pad_token_id)
 
 
+class Reward:
+    """The reward an algorithm trains on: the weighted sum of its sources' scores (a reward model and/or Python
+    functions). Each source is known by a short key (`reward_model`, or the function's name) under which its own
+    score is logged."""
+
+    def __init__(self, scorers: list, weights: list[float]):
+        if len(scorers) != len(weights):
+            raise ValueError(f"{len(weights)} weights for {len(scorers)} reward sources")
+        self.scorers, self.weights = scorers, [float(w) for w in weights]
+        self.keys: list[str] = []
+        for scorer in scorers:
+            key = "reward_model" if isinstance(scorer, RewardModelScorer) else \
+                getattr(scorer.fn, "__name__", "reward_fn")
+            self.keys.append(key if key not in self.keys else f"{key}_{len(self.keys)}")
+
+    @property
+    def model_scorer(self) -> RewardModelScorer | None:
+        return next((s for s in self.scorers if isinstance(s, RewardModelScorer)), None)
+
+    def scorer(self, key: str):
+        return self.scorers[self.keys.index(key)]
+
+    def __call__(self, rollout: Rollout, examples: list[PromptExample], response_texts: list[str],
+                 batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """((B,) weighted reward, {key: (B,) that source's score})."""
+        parts = {key: scorer(rollout, examples, response_texts, batch_size)
+                 for key, scorer in zip(self.keys, self.scorers)}
+        total = sum(w * parts[key] for key, w in zip(self.keys, self.weights))
+        return total, parts
+
+
 def same_vocabulary(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
 
