@@ -23,9 +23,11 @@ class ConfigError(ValueError):
     """A bad config value, key or file: one line, shown to the user without a traceback (exit code 2)."""
 
 
-def option(default: Any, help: str, *, group: str = "general", choices: tuple[str, ...] | None = None) -> Any:
-    """A documented config field. Lists are copied per instance."""
-    meta = {"help": help, "group": group, "choices": choices}
+def option(default: Any, help: str, *, group: str = "general", choices: tuple[str, ...] | None = None,
+           repeat: bool = False) -> Any:
+    """A documented config field. Lists are copied per instance. A list flag given twice keeps the later values,
+    unless `repeat`: then each use adds to the list (`--reward-fn a.py:f --reward-fn b.py:g`)."""
+    meta = {"help": help, "group": group, "choices": choices, "repeat": repeat}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -134,9 +136,10 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default!r})", "dest": f.name}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        if is_list:  # a repeated flag adds to the list: --reward-fn a.py:f --reward-fn b.py:g
+        if is_list:
             kwargs["nargs"] = "+"
-            kwargs["action"] = "extend"
+            if f.metadata.get("repeat"):
+                kwargs["action"] = "extend"
         elif scalar is bool:
             kwargs["nargs"] = "?"
             kwargs["const"] = "true"

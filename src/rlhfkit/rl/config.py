@@ -23,7 +23,8 @@ class RLConfig(CommonConfig):
     reward_fn: list[str] = option([], "Python reward functions `module:function` or `path/file.py:function`, each "
                                       "called as fn(prompts, responses, **prompt_columns) and returning one float "
                                       "per response; with several (or with --reward too) the reward is their "
-                                      "weighted sum", group="models")
+                                      "weighted sum; repeat the flag or give several", group="models",
+                                  repeat=True)
     reward_weights: list[float] = option([], "one weight per reward source, the reward model first if there is "
                                              "one, then the functions in order; default: 1 each", group="models")
     monitor_fn: str = option("", "a function of the same form as --reward-fn whose mean is logged as `monitor` each "
