@@ -119,27 +119,38 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("base", "sft", "ppo"):
+    for name in ("base", "sft", "ppo", "grpo", "grpo_gold"):
         g = summary["gold"][name]
         assert -7 <= g["mean"] <= 4 and 0 <= g["ci95"] < 5
-    assert 0 <= summary["win_rate"]["sft_vs_base"] <= 1 and 0 <= summary["win_rate"]["ppo_vs_sft"] <= 1
+    assert set(summary["win_rate"]) == {"sft_vs_base", "ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft"}
+    assert all(0 <= v <= 1 for v in summary["win_rate"].values())
+    assert set(summary["kl_to_sft"]) == {"ppo", "grpo", "grpo_gold"}
+    assert all(math.isfinite(v) and v > -1 for v in summary["kl_to_sft"].values())  # an estimate: can dip below 0
     assert 0 <= summary["rm_accuracy"] <= 1
     assert all(math.isfinite(v) and v > 0 for v in summary["corpus_loss"].values())
-    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "evaluate"}
-    for stage in ("pretrain", "sft", "rm", "ppo"):  # the same runs a user makes, configs beside the results
+    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "evaluate"}
+    for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold"):  # the same runs a user makes, configs beside the results
         assert (out / stage / "config.yaml").is_file() and (out / stage / "final" / "config.json").is_file()
     assert "monitor" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "monitor" in json.loads((out / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
     # The evaluation tables: eval-rm on the held-out pairs, compare on the held-out prompts with RM and gold scores.
     eval_rm = json.loads((out / "eval" / "eval_rm.json").read_text())
     assert eval_rm["metrics"]["accuracy"] == summary["rm_accuracy"]
     assert len(eval_rm["pairs"]) == len((out / "data" / "eval_pairs.jsonl").read_text().splitlines())
     compare = json.loads((out / "eval" / "compare.json").read_text())
     assert len(compare["rows"]) == summary["eval_prompts"] == 24
-    for name in ("base", "sft", "ppo"):
+    for name in ("base", "sft", "ppo", "grpo", "grpo_gold"):
         gold = [row["responses"][name]["gold"] for row in compare["rows"]]
         assert summary["gold"][name] == mean_ci(gold)
         rm = [row["responses"][name]["score"] for row in compare["rows"]]
         assert summary["rm_score"][name] == pytest.approx(sum(rm) / len(rm), abs=1e-9)
+    # KL of a model to itself is 0; the summary's KL is the mean log-ratio over the model's own responses.
+    from rlhfkit.demo.run import kl_to_sft
+
+    prompts = load_examples([str(out / "data" / "eval_prompts.jsonl")], "prompt").examples
+    grpo_rows = [row["responses"]["grpo"] for row in compare["rows"]]
+    assert kl_to_sft(out / "sft" / "final", out / "sft" / "final", prompts, grpo_rows) == 0.0
+    assert kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows) == summary["kl_to_sft"]["grpo"]
     page = (out / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 8
     assert f"{summary['gold']['ppo']['mean']:.3f}" in page

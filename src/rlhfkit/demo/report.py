@@ -18,6 +18,7 @@ THRESHOLDS = {
     "rm_accuracy": 0.85,
     "win_sft_vs_base": 0.65,
     "win_ppo_vs_sft": 0.65,
+    "win_grpo_vs_sft": 0.65,
     "gold_ci_multiple": 1.0,
     "corpus_loss_ratio": 1.1,
 }
@@ -34,6 +35,7 @@ def acceptance(summary: dict) -> dict[str, bool]:
         "rm_accuracy": summary["rm_accuracy"] >= t["rm_accuracy"],
         "win_sft_vs_base": wins["sft_vs_base"] >= t["win_sft_vs_base"],
         "win_ppo_vs_sft": wins["ppo_vs_sft"] >= t["win_ppo_vs_sft"],
+        **({"win_grpo_vs_sft": wins["grpo_vs_sft"] >= t["win_grpo_vs_sft"]} if "grpo_vs_sft" in wins else {}),
         "gold_ppo_over_sft": gain > t["gold_ci_multiple"] * max(gold["sft"]["ci95"], gold["ppo"]["ci95"]),
         "corpus_loss": loss["ppo"] <= t["corpus_loss_ratio"] * loss["sft"],
     }
@@ -45,6 +47,7 @@ def criteria_text() -> dict[str, str]:
         "rm_accuracy": f"reward model accuracy >= {t['rm_accuracy']}",
         "win_sft_vs_base": f"win rate SFT over base >= {t['win_sft_vs_base']}",
         "win_ppo_vs_sft": f"win rate PPO over SFT >= {t['win_ppo_vs_sft']}",
+        "win_grpo_vs_sft": f"win rate GRPO (reward model) over SFT >= {t['win_grpo_vs_sft']}",
         "gold_ppo_over_sft": f"PPO gold mean - SFT gold mean > {t['gold_ci_multiple']:g} x max(ci95 SFT, ci95 PPO)",
         "corpus_loss": f"PPO corpus loss <= {t['corpus_loss_ratio']} x SFT corpus loss",
     }
@@ -177,7 +180,9 @@ def headline(summary: dict) -> str:
     gold, wins, loss = summary["gold"], summary["win_rate"], summary["corpus_loss"]
     rows = [[f"gold score {esc(name)}", f"{num(g['mean'])} ± {num(g['ci95'])}"] for name, g in gold.items()]
     rows += [[f"win rate {esc(k.replace('_vs_', ' over '))}", num(v)] for k, v in wins.items()]
+    rows += [[f"KL to SFT {esc(name)} (per response)", num(kl)] for name, kl in summary.get("kl_to_sft", {}).items()]
     rows.append(["reward model accuracy", num(summary["rm_accuracy"])])
+    rows += [[f"corpus loss {esc(name)}", num(value)] for name, value in loss.items() if name not in ("sft", "ppo")]
     change = 100 * (loss["ppo"] - loss["sft"]) / loss["sft"]
     rows.append(["corpus loss SFT → PPO", f"{num(loss['sft'])} → {num(loss['ppo'])} ({change:+.1f}%)"])
     if "eval_prompts" in summary:
@@ -187,7 +192,7 @@ def headline(summary: dict) -> str:
         total = sum(timings.values())
         rows.append(["total wall time", f"{total:.1f} s ({int(total // 60)} min {total % 60:.0f} s)"])
     # Keys added to summary.json later still show up, as long as they are plain numbers.
-    known = {"seed", "gold", "win_rate", "rm_accuracy", "corpus_loss", "eval_prompts", "timings_s"}
+    known = {"seed", "gold", "win_rate", "kl_to_sft", "rm_accuracy", "corpus_loss", "eval_prompts", "timings_s"}
     rows += [[esc(k), num(v)] for k, v in summary.items()
              if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return table(["measure", "value"], rows)
@@ -200,6 +205,7 @@ def acceptance_table(summary: dict) -> str:
         "rm_accuracy": num(summary["rm_accuracy"]),
         "win_sft_vs_base": num(summary["win_rate"]["sft_vs_base"]),
         "win_ppo_vs_sft": num(summary["win_rate"]["ppo_vs_sft"]),
+        "win_grpo_vs_sft": num(summary["win_rate"].get("grpo_vs_sft", float("nan"))),
         "gold_ppo_over_sft": f"{num(gold['ppo']['mean'] - gold['sft']['mean'])} vs "
                              f"{num(max(gold['sft']['ci95'], gold['ppo']['ci95']))}",
         "corpus_loss": f"{num(loss['ppo'] / loss['sft'])} x",
