@@ -70,8 +70,8 @@ def build(work: Path, cfg: dict, iterations: int) -> dict:
             "prompt_len": statistics.mean(len(i) for i in ids)}
 
 
-def trl_python(out: Path) -> str:
-    """The Python of a venv that has TRL 1.12 (created on first use) and runs this interpreter's torch and
+def trl_python(out: Path, version: str = TRL_VERSION) -> str:
+    """The Python of a venv that has TRL `version` (created on first use) and runs this interpreter's torch and
     transformers.
 
     The venv sees this environment's packages through a .pth file naming its site-packages (`--system-site-packages`
@@ -81,7 +81,7 @@ def trl_python(out: Path) -> str:
     import site
     import transformers
 
-    venv = out / "bench-trl-venv"
+    venv = out / ("bench-trl-venv" if version == TRL_VERSION else f"bench-trl-{version}-venv")
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -93,8 +93,8 @@ def trl_python(out: Path) -> str:
     constraints.write_text(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
     probe = "import json, torch, transformers; print(json.dumps([torch.__version__, transformers.__version__]))"
     check = subprocess.run([str(python), "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
-    if check.stdout.strip() != TRL_VERSION:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}", "-c", str(constraints)],
+    if check.stdout.strip() != version:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}", "-c", str(constraints)],
                        check=True)
     seen = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
                                      check=True).stdout)

@@ -67,3 +67,51 @@ def test_sampler_benchmark_smoke_run(tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| full", "| early"))]
     assert len(rows) == 2 and all("| True |" in row for row in rows)
 
+
+
+GRPO_BENCH = BENCH.parent / "grpo_vs_trl.py"
+
+
+def load_grpo_bench():
+    load_bench()  # puts benchmarks/ on the path: the GRPO benchmark imports the PPO benchmark's helpers
+    spec = importlib.util.spec_from_file_location("grpo_vs_trl", GRPO_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpo_phase_flops_by_hand():
+    """As the PPO count, for rows = 1 prompt x 2 samples: a forward over T = 2 tokens is 176 FLOPs plus the head,
+    2*2*3 = 12 per token read (both tokens when sampling, the response token otherwise)."""
+    bench = load_grpo_bench()
+    cfg = dict(hidden=2, layers=1, ffn=4, prompts=1, generations=2)
+    assert bench.phase_flops(cfg, vocab=3, prompt_len=1, response_len=1) == {
+        "generate": 2 * 200, "forward": 2 * 188, "train": 3 * 2 * 188}
+
+
+def test_grpo_cross_check_against_trls_formulas_by_hand():
+    """What TRL's trainer would hand over for 2 prompts x 2 samples: rewards (1, 0 | 2, 2), so grpo's advantages are
+    +-(0.5 / (std 0.7071 + 1e-4)) and 0; the policy's log-probs equal the reference's (KL 0). TRL's losses: grpo =
+    mean over sequences of the token means of -A = 0; dapo (token-mean) weights by length: (-A_0 * 2 - A_1 * 1) / 7 tokens;
+    dr_grpo = the sum of -A over tokens / (4 rows x max length 2)."""
+    bench = load_grpo_bench()
+    a = 0.5 / (2 ** 0.5 / 2 + 1e-4)
+    mask = [[1, 1], [1, 0], [1, 1], [1, 1]]
+    common = dict(rewards=[1.0, 0.0, 2.0, 2.0], mask=mask, logps=[[-1.0, -2.0]] * 4, ref_logps=[[-1.0, -2.0]] * 4,
+                  beta=0.04, max_completion_length=2, generations=2)
+    found = {"grpo": dict(common, advantages=[a, -a, 0.0, 0.0], loss=0.0),
+             "dapo": dict(common, advantages=[a, -a, 0.0, 0.0], loss=(-a * 2 + a * 1) / 7),
+             "dr_grpo": dict(common, advantages=[0.5, -0.5, 0.0, 0.0], loss=(-0.5 * 2 + 0.5 * 1) / (4 * 2))}
+    for loss_type, d in bench.cross_check(found).items():
+        assert d["advantage_max_abs_diff"] < 1e-6 and abs(d["loss_rlhfkit"] - d["loss_trl"]) < 1e-6, (loss_type, d)
+
+
+def test_grpo_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(GRPO_BENCH), "--config", "tiny", "--iterations", "2", "--repeats", "1",
+                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "| rlhfkit |" in done.stdout and "| rlhfkit | train |" in done.stdout
+    m = json.loads((out / "tiny-float32" / "summary.json").read_text())["summary"]["rlhfkit"]
+    assert m["n"] == 1 and m["time_iteration"] > 0 and 0 < m["response_tokens"] <= 2 * 2 * 4
