@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
-from ppo_vs_trl import build, matmul_rate, trl_python
+from ppo_vs_trl import alternate, build, trl_python
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
@@ -193,18 +193,9 @@ def main() -> None:
                   f"{d['loss_trl']:.8f} | {d['loss_rlhfkit']:.8f} | {d['loss_rel_diff']:.2e} |")
         (work / "check.json").write_text(json.dumps(diffs, indent=2))
         return
-    sides = ["rlhfkit"] + (["trl"] if args.trl else [])
-    results: dict[str, list[dict]] = {s: [] for s in sides}
-    for repeat in range(args.repeats):
-        for side in sides:
-            results[side].append(run_side(side, work, work / f"{side}-{repeat}.json", args, python))
-            print(f"run {repeat + 1}/{args.repeats} {side}: {summarise(results[side][-1:])['time_iteration']:.3f} "
-                  "s/iter", flush=True)
-    rates = {name: matmul_rate(dtype, args.threads, args.matmul_size)
-             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    summary = {s: summarise(r) for s, r in results.items()}
-    for side, runs in results.items():
-        summary[side]["versions"] = runs[0].get("versions", {})
+    summary, rates = alternate(["rlhfkit"] + (["trl"] if args.trl else []), args,
+                               lambda side, repeat: run_side(side, work, work / f"{side}-{repeat}.json", args, python),
+                               summarise)
     report(args, cfg, facts, summary, rates)
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
                                                    "summary": summary, "matmul_gflops": rates}, indent=2))

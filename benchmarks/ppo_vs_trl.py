@@ -198,6 +198,23 @@ def summarise(results: list[dict]) -> dict[str, float]:
     return m
 
 
+def alternate(sides: list[str], args, run_one, summarise) -> tuple[dict, dict[str, float]]:
+    """`args.repeats` runs of each side, alternating (a fresh process each), then the matrix-product rates: the
+    summary of each side (with the versions it ran) and the rates."""
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for repeat in range(args.repeats):
+        for side in sides:
+            results[side].append(run_one(side, repeat))
+            print(f"run {repeat + 1}/{args.repeats} {side}: {summarise(results[side][-1:])['time_iteration']:.3f} "
+                  "s/iter", flush=True)
+    rates = {name: matmul_rate(dtype, args.threads, args.matmul_size)
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    summary = {s: summarise(r) for s, r in results.items()}
+    for side, runs in results.items():
+        summary[side]["versions"] = runs[0].get("versions", {})
+    return summary, rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="S")
@@ -221,18 +238,9 @@ def main() -> None:
     work = out / f"{args.config}-{args.dtype}"
     facts = build(work, cfg, args.iterations)
     python = trl_python(out.resolve()) if args.trl else None
-    sides = ["rlhfkit"] + (["trl"] if args.trl else [])
-    results: dict[str, list[dict]] = {s: [] for s in sides}
-    for repeat in range(args.repeats):
-        for side in sides:
-            results[side].append(run_side(side, work, work / f"{side}-{repeat}.json", args, python))
-            print(f"run {repeat + 1}/{args.repeats} {side}: {summarise(results[side][-1:])['time_iteration']:.3f} "
-                  "s/iter", flush=True)
-    rates = {name: matmul_rate(dtype, args.threads, args.matmul_size)
-             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    summary = {s: summarise(r) for s, r in results.items()}
-    for side, runs in results.items():
-        summary[side]["versions"] = runs[0].get("versions", {})
+    summary, rates = alternate(["rlhfkit"] + (["trl"] if args.trl else []), args,
+                               lambda side, repeat: run_side(side, work, work / f"{side}-{repeat}.json", args, python),
+                               summarise)
     report(args, cfg, facts, summary, rates)
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
                                                    "trl_micro": args.trl_micro,

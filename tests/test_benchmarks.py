@@ -92,7 +92,8 @@ def test_grpo_phase_flops_by_hand():
 def test_grpo_cross_check_against_trls_formulas_by_hand():
     """What TRL's trainer would hand over for 2 prompts x 2 samples: rewards (1, 0 | 2, 2), so grpo's advantages are
     +-(0.5 / (std 0.7071 + 1e-4)) and 0; the policy's log-probs equal the reference's (KL 0). TRL's losses: grpo =
-    mean over sequences of the token means of -A = 0; dapo (token-mean) weights by length: (-A_0 * 2 - A_1 * 1) / 7 tokens;
+    mean over sequences of the token means of -A = 0; dapo (token-mean) weights by length: (-A_0 * 2 - A_1 * 1) / 7
+    tokens;
     dr_grpo = the sum of -A over tokens / (4 rows x max length 2)."""
     bench = load_grpo_bench()
     a = 0.5 / (2 ** 0.5 / 2 + 1e-4)

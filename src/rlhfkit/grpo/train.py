@@ -22,21 +22,19 @@ import torch
 from rlhfkit.config import ConfigError
 from rlhfkit.grpo import core
 from rlhfkit.grpo.config import GRPOConfig
-from rlhfkit.models import autocast, load_causal_lm, load_tokenizer
+from rlhfkit.models import autocast, load_tokenizer
 from rlhfkit.rl.core import aggregate, kl_estimate, masked_mean, masked_sum, policy_loss
-from rlhfkit.rl.loop import LoopSettings, run_iterations
 from rlhfkit.rl.rollout import Rollout, micro_batches, response_logprobs
 from rlhfkit.rl.scoring import FunctionScorer, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add, check_scores,
                               load_actor, load_data, load_reference, load_reward, load_reward_functions,
                               minibatch_order, place, ptx_backward, reference_logprobs, resume_run, rollout_settings,
-                              sample_and_score, sample_rows, save_run, update_settings, whole_batch)
-from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
-                                     with_lora)
+                              sample_and_score, sample_rows, save_final_actor, save_run, train, update_settings,
+                              whole_batch)
+from rlhfkit.training.common import log, make_optimizer, make_scheduler, setup_logging, start_run
 from rlhfkit.training.distributed import World, gradient_sync, rank_share
 from rlhfkit.training.guards import check_finite
 from rlhfkit.training.loop import optimizer_step
-from rlhfkit.training.metrics import RunLogger
 
 
 @dataclass(frozen=True)
@@ -214,20 +212,10 @@ def run_grpo(config: GRPOConfig) -> Path:
     trained = Trained({"actor": (actor, optimizer, make_scheduler(optimizer, config.lr_schedule, config.warmup_steps,
                                                                   steps))})
     start = int(resume_run(resume, trained, config, world, {"actor": "lr"})["step"]) if resume is not None else 0
-    logger = RunLogger(out, total_steps=iterations, start_step=start, desc="grpo", wandb_project=config.wandb_project,
-                       enabled=world.main)
-    loop = LoopSettings(iterations, config.max_bad_steps, config.log_every, config.sample_every, config.num_samples,
-                        config.save_every)
     settings = GRPOSettings.of(config)
-    try:
-        run_iterations(lambda i: grpo_iteration(i, settings, models, data, trained, tokenizer, world), start, loop,
-                       logger, lambda step: save_run(out, step, trained, {}, config, "grpo", world), out, world)
-    finally:
-        logger.close()
-
-    def fresh_actor():  # FSDP's gathered weights are written through an unsharded copy
-        return with_lora(load_causal_lm(config.actor, tokenizer, seed=config.seed), config, "CAUSAL_LM")
-
-    final = save_final(actor, tokenizer, out / "final", world, fresh_actor, merge_lora=config.lora_merge)
+    train(config, "grpo", iterations, start,
+          lambda i: grpo_iteration(i, settings, models, data, trained, tokenizer, world),
+          lambda step: save_run(out, step, trained, {}, config, "grpo", world), out, world)
+    final = save_final_actor(config, actor, tokenizer, out, world)
     log.info(f"final actor: {final}")
     return final

@@ -22,26 +22,24 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
+from rlhfkit.models import (TokenValues, autocast, is_peft, load_sequence_classifier, load_tokenizer,
                             load_trainable_state, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.rl.core import (aggregate, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
                              per_token_rewards, policy_loss)
-from rlhfkit.rl.loop import LoopSettings, run_iterations
 from rlhfkit.rl.rollout import Rollout, disable_dropout, micro_batches, response_logprobs
 from rlhfkit.rl.scoring import FunctionScorer, RunningMoments, same_vocabulary, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add,
-                              check_scores, load_actor, load_data, load_reference, load_reward,
+                              check_scores, fresh_actor, load_actor, load_data, load_reference, load_reward,
                               load_reward_functions, minibatch_order, model_kwargs, place, ptx_backward,
                               reference_logprobs, resume_run, rollout_settings, sample_and_score, sample_rows,
-                              save_run, update_settings, whole_batch)
+                              save_final_actor, save_run, train, update_settings, whole_batch)
 from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
                                      with_lora, write_model)
 from rlhfkit.training.distributed import World, full_tensor, gradient_sync, rank_share, unwrap, wrap_model
 from rlhfkit.training.guards import check_finite
 from rlhfkit.training.loop import optimizer_step
-from rlhfkit.training.metrics import RunLogger
 
 
 @dataclass(frozen=True)
@@ -292,31 +290,22 @@ def run_ppo(config: PPOConfig) -> Path:
         save_run(out, step, state.trained, {"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)},
                  config, "ppo", world, extra)
 
-    logger = RunLogger(out, total_steps=iterations, start_step=start, desc="ppo", wandb_project=config.wandb_project,
-                       enabled=world.main)
-    loop = LoopSettings(iterations, config.max_bad_steps, config.log_every, config.sample_every, config.num_samples,
-                        config.save_every)
     settings = PPOSettings.of(config)
-    try:
-        run_iterations(lambda i: ppo_iteration(i, settings, models, data, state, tokenizer, world), start, loop,
-                       logger, save, out, world)
-    finally:
-        logger.close()
-
-    def fresh_actor():  # FSDP's gathered weights are written through an unsharded copy
-        return with_lora(load_causal_lm(config.actor, tokenizer, seed=config.seed), config, "CAUSAL_LM")
+    train(config, "ppo", iterations, start, lambda i: ppo_iteration(i, settings, models, data, state, tokenizer, world),
+          save, out, world)
 
     def fresh_critic():
         return TokenValues(with_lora(load_sequence_classifier(_critic_path(config, tokenizer), tokenizer,
                                                               seed=config.seed), config, "SEQ_CLS"))
 
-    final = save_final(models.actor, tokenizer, out / "final", world, fresh_actor, merge_lora=config.lora_merge)
+    final = save_final_actor(config, models.actor, tokenizer, out, world)
     save_final(models.critic, tokenizer, out / "final_critic", world, fresh_critic, merge_lora=config.lora_merge)
     if state.ema is not None:
         shadow = {name: full_tensor(value) for name, value in state.ema.shadow.items()}  # collective under FSDP
         averaged = None
         if world.main:
-            averaged = fresh_actor() if world.strategy == "fsdp" else copy.deepcopy(unwrap(models.actor))
+            fsdp = world.strategy == "fsdp"  # gathered weights go through an unsharded copy
+            averaged = fresh_actor(config, tokenizer) if fsdp else copy.deepcopy(unwrap(models.actor))
             load_trainable_state(averaged, shadow)
         write_model(averaged, tokenizer, out / "final_ema", world, merge_lora=config.lora_merge)
     log.info(f"final actor: {final}; critic: {out / 'final_critic'}")

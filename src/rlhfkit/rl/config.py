@@ -148,7 +148,8 @@ class RLConfig(CommonConfig):
             needs.append((self.actor, "actor", self.max_len, "max_len (PTX rows)"))
         check_positions(needs)
 
-    extra_models: ClassVar[tuple[str, ...]] = ()  # an algorithm's own model fields (PPO: "critic"), checked like the rest
+    # an algorithm's own model fields (PPO: "critic"), checked like the rest
+    extra_models: ClassVar[tuple[str, ...]] = ()
 
     @property
     def rows(self) -> int:

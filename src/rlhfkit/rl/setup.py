@@ -29,12 +29,14 @@ from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_drop
 from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check_finite_scores, check_reward_columns,
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.training.common import (Resume, log, rows_per_pass, run_state, set_peak_lr, set_weight_decay,
-                                     with_lora)
+from rlhfkit.rl.loop import Iteration, LoopSettings, run_iterations
+from rlhfkit.training.common import (Resume, log, rows_per_pass, run_state, save_final, set_peak_lr,
+                                     set_weight_decay, with_lora)
 from rlhfkit.training.distributed import (World, adapter_disabled, gathered, gradient_sync, place_frozen, rank_share,
                                           wrap_model)
 from rlhfkit.training.guards import TrainingError
 from rlhfkit.training.lm_loss import collate as collate_lm, sft_loss
+from rlhfkit.training.metrics import RunLogger
 
 
 # ---------------------------------------------------------------------------------------- settings for the loops
@@ -406,3 +408,28 @@ def resume_run(resume: Resume, trained: Trained, config: RLConfig, world: World,
             set_weight_decay(optimizer, config.weight_decay)
     log.info(f"resumed from {resume.path} at iteration {saved['step']}")
     return saved
+
+
+# ----------------------------------------------------------------------------------------- the run and its results
+def train(config: RLConfig, stage: str, iterations: int, start: int, iterate: Iteration, save: Callable[[int], None],
+          out: Path, world: World) -> None:
+    """Iterations `start` .. `iterations` - 1 of an algorithm (rl/loop.py), with its progress bar and logs."""
+    logger = RunLogger(out, total_steps=iterations, start_step=start, desc=stage, wandb_project=config.wandb_project,
+                       enabled=world.main)
+    loop = LoopSettings(iterations, config.max_bad_steps, config.log_every, config.sample_every, config.num_samples,
+                        config.save_every)
+    try:
+        run_iterations(iterate, start, loop, logger, save, out, world)
+    finally:
+        logger.close()
+
+
+def fresh_actor(config: RLConfig, tokenizer) -> torch.nn.Module:
+    """An unsharded copy of the starting policy (+LoRA): FSDP's gathered weights are written through one."""
+    return with_lora(load_causal_lm(config.actor, tokenizer, seed=config.seed), config, "CAUSAL_LM")
+
+
+def save_final_actor(config: RLConfig, actor, tokenizer, out: Path, world: World) -> Path:
+    """OUTPUT/final: the trained policy in Hugging Face format (the adapter merged unless --lora-merge false)."""
+    return save_final(actor, tokenizer, out / "final", world, lambda: fresh_actor(config, tokenizer),
+                      merge_lora=config.lora_merge)
