@@ -116,3 +116,18 @@ def test_grpo_benchmark_smoke_run(tmp_path):
     assert "| rlhfkit |" in done.stdout and "| rlhfkit | train |" in done.stdout
     m = json.loads((out / "tiny-float32" / "summary.json").read_text())["summary"]["rlhfkit"]
     assert m["n"] == 1 and m["time_iteration"] > 0 and 0 < m["response_tokens"] <= 2 * 2 * 4
+
+
+def test_gpu_check_runs_tiny_on_a_cpu(tmp_path):
+    """The GPU script's --tiny mode: every stage, its table row, and FLOP shares that are numbers."""
+    done = subprocess.run([sys.executable, str(BENCH.parent / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for stage in ("sft", "rm", "ppo", "grpo"):
+        assert f"| {stage} |" in done.stdout, stage
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["sft", "rm", "ppo", "grpo"] and result["rate"] > 0
+    for stage in result["stages"]:
+        assert stage["tokens_per_s"] > 0 and all(v > 0 for v in stage["phases"].values()), stage
+    assert set(result["stages"][3]["phases"]) == {"generate", "score", "experience", "train"}
