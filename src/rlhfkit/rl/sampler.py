@@ -18,11 +18,13 @@ H heads, D head size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rlhfkit.models import position_ids
@@ -127,8 +129,15 @@ class Driver:
             kwargs["position_ids"] = positions
         if self.logits_to_keep and keep_last:
             kwargs["logits_to_keep"] = 1
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with sdpa_kernel(_DECODE_ATTENTION) if input_ids.is_cuda else contextlib.nullcontext():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits[:, -1].float()
+
+
+# cuDNN's fused attention builds an execution plan for every new key length, and the key length grows by one each
+# decoding step: about 3 ms of CPU per call, 63% of a step of a 0.5B Llama on an H100 (torch 2.11). The other fused
+# kernels have no such cost, and with an attention mask SDPA picks the memory-efficient one.
+_DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 _reported: set[str] = set()
