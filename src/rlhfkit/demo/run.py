@@ -70,14 +70,15 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dic
                     monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
                     batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=1e-4, critic_lr=1e-4,
                     kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
-        # 8 prompts x 8 samples per iteration, one optimizer step each. At lr 2e-4 (or with Dr.GRPO's unscaled
-        # advantages) the reward model was exploited within 40 iterations on seed 0: responses of 3-5 tokens that it
-        # scores high and the gold judge low.
+        # 8 prompts x 8 samples per iteration, two optimizer steps each (one step per iteration won 0.650-0.654
+        # over SFT on seeds 0 and 1, two won 0.69-0.72). At lr 2e-4 (or with Dr.GRPO's unscaled advantages) the reward
+        # model was exploited within 40 iterations on seed 0: responses of 3-5 tokens that it scores high and the gold
+        # judge low.
         "grpo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
                      prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                      monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "grpo"), max_steps=steps["grpo"],
-                     batch_size=8, num_generations=8, max_new_tokens=48, lr=1e-4, kl_coef=0.1, ptx_coef=0.5,
-                     max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
+                     batch_size=8, num_generations=8, mini_batch_size=32, max_new_tokens=48, lr=1e-4, kl_coef=0.1,
+                     ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
     }
     stages["grpo_gold"] = dict(stages["grpo"], reward="", reward_fn=["rlhfkit.demo.task:gold_reward"], monitor_fn="",
                                output=str(out / "grpo_gold"))
