@@ -9,7 +9,8 @@ per response / 4, the same on both sides):
     S-G: hidden 256, 4 layers (~4.4M); 16 prompts x 4 samples x 32 new tokens
     M-G: hidden 512, 8 layers (~30M); 16 prompts x 8 samples x 128 new tokens
 Both: KL coefficient 0.04 (k3, a loss term), temperature 1, one optimizer step per batch (the whole batch), TRL's
-default loss aggregation (dapo: token-mean) on both sides, use_vllm=False.
+default loss aggregation (dapo: token-mean) on both sides, use_vllm=False, no gradient checkpointing (TRL's GRPO
+turns it on by default; it would make TRL recompute activations that rlhfkit keeps).
 
 Each side runs in a fresh process, the sides alternate, every process uses the same number of threads; TRL runs in a
 throwaway venv (runs/bench-trl-1.16.0-venv) on this environment's torch and transformers, and each side prints the

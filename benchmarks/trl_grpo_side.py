@@ -40,6 +40,7 @@ def make_trainer(args, work: str, loss_type: str, callbacks=(), scale_rewards: s
         max_completion_length=args.new_tokens, beta=args.beta, num_iterations=1, temperature=1.0,
         learning_rate=lr, lr_scheduler_type="constant", max_steps=args.iterations, loss_type=loss_type,
         scale_rewards=scale_rewards, use_vllm=False, bf16=args.dtype == "bfloat16", use_cpu=True,
+        gradient_checkpointing=False,  # TRL's GRPO turns it on by default; rlhfkit's is off: the same work both sides
         dataloader_num_workers=0, shuffle_dataset=False, log_completions=False)
     policy = AutoModelForCausalLM.from_pretrained(f"{work}/actor", dtype=torch.float32)
     return GRPOTrainer(model=policy, reward_funcs=count_e, args=config, train_dataset=dataset,
