@@ -29,8 +29,8 @@ from rlhfkit.rl.scoring import FunctionScorer, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add, check_scores,
                               load_actor, load_data, load_reference, load_reward, load_reward_functions,
                               minibatch_order, place, ptx_backward, reference_logprobs, resume_run, rollout_settings,
-                              sample_and_score, sample_rows, save_final_actor, save_run, train, update_settings,
-                              whole_batch)
+                              sample_and_score, sample_rows, save_final_actor, save_run, score_parts, train,
+                              update_settings, whole_batch)
 from rlhfkit.training.common import log, make_optimizer, make_scheduler, setup_logging, start_run
 from rlhfkit.training.distributed import World, gradient_sync, rank_share
 from rlhfkit.training.guards import check_finite
@@ -113,9 +113,7 @@ def grpo_iteration(iteration: int, settings: GRPOSettings, models: Models, data:
     n_tokens = int(mask.sum())
     metrics = {
         "score": scores.mean().item(), "score_std": scores.std().item(),
-        **({f"score/{name}": values.mean().item() for name, values in scored.parts.items()}
-           if len(scored.parts) > 1 else {}),
-        **({"monitor": scored.monitor.mean().item()} if scored.monitor is not None else {}),
+        **score_parts(scored),
         "reward": shaped.mean().item(), "group_reward_std": core.group_std(shaped, G).mean().item(),
         "zero_variance_groups": flat.float().mean().item(),
         **({"kl": masked_sum(old_logprobs - ref_logprobs, mask, dim=-1).mean().item()}

@@ -34,7 +34,7 @@ from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained
                               check_scores, fresh_actor, load_actor, load_data, load_reference, load_reward,
                               load_reward_functions, minibatch_order, model_kwargs, place, ptx_backward,
                               reference_logprobs, resume_run, rollout_settings, sample_and_score, sample_rows,
-                              save_final_actor, save_run, train, update_settings, whole_batch)
+                              save_final_actor, save_run, score_parts, train, update_settings, whole_batch)
 from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
                                      with_lora, write_model)
 from rlhfkit.training.distributed import World, full_tensor, gradient_sync, rank_share, unwrap, wrap_model
@@ -153,13 +153,6 @@ def ppo_iteration(iteration: int, settings: PPOSettings, models: Models, data: D
     }
     return metrics, sample_rows(scored, shaped, rollout.stopped, data, tokenizer, iteration,
                                 settings.rollout.num_samples)
-
-
-def score_parts(scored) -> dict[str, float]:
-    """The monitor's mean, and each reward source's when there are several."""
-    parts = {f"score/{name}": values.mean().item() for name, values in scored.parts.items()} \
-        if len(scored.parts) > 1 else {}
-    return parts | ({"monitor": scored.monitor.mean().item()} if scored.monitor is not None else {})
 
 
 @torch.no_grad()

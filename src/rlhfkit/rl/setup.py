@@ -278,6 +278,13 @@ def check_scores(iteration: int, scored: Scored, models: Models) -> None:
     check_finite_scores(iteration, named, scored.texts)
 
 
+def score_parts(scored: Scored) -> dict[str, float]:
+    """Metrics: each reward source's mean when there are several, and the monitor's."""
+    parts = {f"score/{name}": values.mean().item() for name, values in scored.parts.items()} \
+        if len(scored.parts) > 1 else {}
+    return parts | ({"monitor": scored.monitor.mean().item()} if scored.monitor is not None else {})
+
+
 def whole_batch(world: World, scored: Scored, per_token: list[torch.Tensor], pad_id: int
                 ) -> tuple[Scored, list[torch.Tensor]]:
     """Every rank's share put together in rank order, which is the order of the iteration's prompts: the rollout,
