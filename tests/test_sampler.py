@@ -241,3 +241,65 @@ def test_bf16_autocast_gives_generates_tokens(arch, tokenizer, monkeypatch):
             torch.manual_seed(4)
             reference = with_generate(model, prompts, tokenizer, sampling, monkeypatch)
         assert_same_rollout(ours, reference, logprob_atol=0)
+
+
+# ------------------------------------------------------------------------- one prompt pass for a group of responses
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_group_forward_equals_whole_rows_in_value_and_gradient(arch, tokenizer):
+    """GRPO's groups: rows j*G ... share prompt j. Computing each prompt once and its G responses on its keys and
+    values gives the log-probs, entropies and parameter gradients of whole rows (left-padded prompts of several
+    lengths, responses stopped at different steps), also through micro_batches' cut columns."""
+    from rlhfkit.rl.rollout import group_logprobs, micro_batches
+
+    model = tiny_lm(arch, tokenizer)
+    torch.manual_seed(3)
+    G = 3
+    rollout = generate(model, prompts_of(tokenizer), tokenizer, Sampling(max_new_tokens=7, temperature=1.0,
+                                                                          samples_per_prompt=G))
+    mask = rollout.response_mask
+    assert 0 < rollout.stopped.float().mean() < 1  # responses of several lengths
+
+    def forward(grouped: bool):
+        model.zero_grad()
+        args = (model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        logprobs, entropy = (group_logprobs(*args, G, 0.9, with_entropy=True, entropy_grad=True) if grouped else
+                             response_logprobs(*args, 0.9, with_entropy=True, entropy_grad=True))
+        (logprobs[mask].sum() + 0.1 * entropy[mask].sum()).backward()
+        return logprobs.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, grouped = forward(False), forward(True)
+    torch.testing.assert_close(grouped[0][mask], whole[0][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped[1][mask], whole[1][mask], atol=1e-5, rtol=0)
+    for name, grad in whole[2].items():
+        torch.testing.assert_close(grouped[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # micro_batches keeps groups whole (longest first) and each pass computes a prompt once
+    rows = list(range(rollout.input_ids.shape[0]))
+    parts = micro_batches(rollout, rows, 4, G)  # 4 rows a pass: one group each
+    assert sorted(i for mb in parts for i in mb.rows) == rows
+    sizes = batch_sizes(model)
+    with torch.no_grad():
+        for mb in parts:
+            assert len(mb.rows) == G and mb.rows == list(range(mb.rows[0], mb.rows[0] + G)) and mb.rows[0] % G == 0
+            logprobs, _ = mb.logprobs(model, "cpu", 0.9)
+            torch.testing.assert_close(logprobs[mb.take(mask)], mb.take(whole[0])[mb.take(mask)], atol=1e-5, rtol=0)
+    assert sizes == [1, G] * len(parts)
+    with pytest.raises(ValueError, match="not whole groups"):
+        micro_batches(rollout, [0, 1, 3], 4, G)
+
+
+def test_minibatches_of_whole_groups():
+    from rlhfkit.rl.setup import Passes, UpdateSettings, minibatch_order
+
+    settings = UpdateSettings(ppo_epochs=2, mini_batch=6, cliprange=0.2, cliprange_high=0.2, dual_clip=0.0,
+                              entropy_coef=0.0, loss_agg="token-mean", max_new_tokens=4, temperature=1.0,
+                              max_grad_norm=1.0, ptx_coef=0.0, ptx_batch=6, seed=5, passes=Passes(0, 0, "float32",
+                                                                                                    False))
+    minis = minibatch_order(12, settings, iteration=2, group_size=3)
+    assert len(minis) == 4 and all(sorted(m for mini in minis[k:k + 2] for m in mini) == list(range(12))
+                                   for k in (0, 2))
+    for mini in minis:
+        for start in range(0, 6, 3):
+            assert mini[start] % 3 == 0 and mini[start:start + 3] == [mini[start] + j for j in range(3)]
+    generator = torch.Generator().manual_seed(5 * 1_000_003 + 2)  # G = 1: PPO's shuffles, unchanged
+    expected = [torch.randperm(12, generator=generator).tolist() for _ in range(2)]
+    assert minibatch_order(12, settings, 2) == [e[i:i + 6] for e in expected for i in (0, 6)]

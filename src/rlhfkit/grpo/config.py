@@ -40,6 +40,8 @@ class GRPOConfig(RLConfig):
         require(self.num_generations >= 2, f"num_generations: must be >= 2 (a group needs two samples to compare), "
                                            f"got {self.num_generations}")
         super().check()
+        require(self.mini_batch % self.num_generations == 0, f"mini_batch_size: {self.mini_batch} must be a multiple "
+                f"of num_generations {self.num_generations} (minibatches hold whole groups)")
         require(self.cliprange_high >= 0, f"cliprange_high: must be >= 0, got {self.cliprange_high}")
         require(self.std_eps > 0, f"std_eps: must be > 0, got {self.std_eps}")
 

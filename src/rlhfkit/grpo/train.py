@@ -24,7 +24,7 @@ from rlhfkit.grpo import core
 from rlhfkit.grpo.config import GRPOConfig
 from rlhfkit.models import autocast, load_tokenizer
 from rlhfkit.rl.core import aggregate, kl_estimate, masked_mean, masked_sum, policy_loss
-from rlhfkit.rl.rollout import Rollout, micro_batches, response_logprobs
+from rlhfkit.rl.rollout import Rollout, micro_batches
 from rlhfkit.rl.scoring import FunctionScorer, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add, check_scores,
                               load_actor, load_data, load_reference, load_reward, load_reward_functions,
@@ -88,7 +88,7 @@ def grpo_iteration(iteration: int, settings: GRPOSettings, models: Models, data:
         with timer("experience"), torch.no_grad(), autocast(settings.rollout.passes.dtype, device):
             models.actor.eval()
             ref_logprobs = reference_logprobs(models, scored.rollout, settings.update.temperature, device,
-                                              scored.micro)
+                                              scored.micro, G)
     place(models.frozen, torch.device("cpu"), settings.rollout.passes)
     scored, per_token = whole_batch(world, scored, [] if ref_logprobs is None else [ref_logprobs], data.pad_id)
     ref_logprobs = per_token[0] if per_token else None
@@ -137,21 +137,23 @@ def grpo_update(iteration: int, exp: Experience, settings: GRPOSettings, models:
     kl_loss = settings.kl_coef > 0 and not settings.kl_in_reward
     actor.train()
     micro = up.passes.rows(exp.rollout.input_ids.shape[1], device)  # the whole batch's width: same everywhere
-    minibatches = minibatch_order(exp.rollout.input_ids.shape[0], up, iteration)
+    G = settings.group_size
+    minibatches = minibatch_order(exp.rollout.input_ids.shape[0], up, iteration, G)  # whole groups
     sums: dict[str, float] = {}  # this rank's parts of the minibatch means, summed over ranks at the end
     steps: dict[str, float] = {}  # gradient norm and learning rate, the same on every rank
     for update, mini in enumerate(minibatches):
         mask = exp.update_mask[mini]
         tokens = max(float(mask.sum()), 1.0)
         denominator = tokens if up.loss_agg == "token-mean" else max(float(mask.any(-1).sum()), 1.0)
-        parts = micro_batches(exp.rollout, rank_share(mini, world), micro)  # this rank's share, in passes
+        # This rank's share, in passes; when the share is whole groups, each prompt is computed once for its group.
+        share = rank_share(mini, world)
+        parts = micro_batches(exp.rollout, share, micro, G if len(share) % G == 0 else 1)
         for i, mb in enumerate(parts):
             last = i == len(parts) - 1  # gradients are reduced over ranks once, after the last backward
-            ids, attn, p = mb.input_ids.to(device), mb.attention_mask.to(device), mb.prompt_len
             mb_mask = mb.take(exp.update_mask).to(device)
             with gradient_sync(actor, last and not data.ptx), autocast(up.passes.dtype, device):
-                logprobs, entropy = response_logprobs(actor, ids, attn, p, up.temperature, with_entropy=True,
-                                                      entropy_grad=up.entropy_coef > 0)
+                logprobs, entropy = mb.logprobs(actor, device, up.temperature, with_entropy=True,
+                                                entropy_grad=up.entropy_coef > 0)
                 pg, pg_stats = policy_loss(logprobs, mb.take(exp.old_logprobs).to(device),
                                            mb.take(exp.advantages).to(device), mb_mask, up.cliprange, up.dual_clip,
                                            up.cliprange_high)

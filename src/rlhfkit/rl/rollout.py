@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rlhfkit.data.batching import chunks
@@ -208,6 +209,41 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logprobs, entropy_from_logits(logits if entropy_grad else logits.detach())
 
 
+def group_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, group_size: int,
+                   temperature: float, *, with_entropy: bool = False, entropy_grad: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As `response_logprobs`, for rows that come in groups of G answering one prompt (rows j*G ... j*G + G - 1, the
+    same prompt tokens): each prompt goes through the model once, and its keys and values (with their gradient)
+    serve its G responses. (b, p + r) with b = k * G -> (b, r) each.
+
+    GRPO's prompts pass G times through the reference and the policy otherwise: with G = 4, 38 prompt and 32 response
+    tokens per row, this is 41% fewer FLOPs in both."""
+    G = group_size
+    # DDP prepares its gradient reduction in each forward call, so the prompt pass goes to the module it wraps; the
+    # gradient reaches the same parameters either way.
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    drive = driver(inner)
+    if isinstance(drive, str):  # a model the sampler cannot drive: each row whole
+        return response_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy=with_entropy,
+                                 entropy_grad=entropy_grad)
+    prompt_ids, prompt_mask = input_ids[::G, :prompt_len], attention_mask[::G, :prompt_len]
+    positions = position_ids(attention_mask)
+    out = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[::G, :prompt_len],
+                logits_to_keep=1, use_cache=True)
+    prefix = getattr(out, "cache", None) or out.past_key_values
+    shared = Cache(layers=[DynamicLayer() for _ in prefix.layers])
+    for i, layer in enumerate(prefix.layers):  # each prompt's keys and values, once per response of its group
+        shared.update(layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0), i)
+    rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask,
+                 position_ids=positions[:, prompt_len:], use_cache=True, **{drive.cache_arg: shared}).logits
+    # the prompt's last position predicts response token 0; response position t predicts token t + 1
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest[:, :-1]], 1).float() / temperature
+    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, entropy_from_logits(logits if entropy_grad else logits.detach())
+
+
 @dataclass
 class MicroBatch:
     """Some rows of a rollout cut to their own width: prompt columns that none of them attends and response columns
@@ -217,23 +253,40 @@ class MicroBatch:
     attention_mask: torch.Tensor  # (b, p + r)
     prompt_len: int  # p
     response_len: int  # r
+    group_size: int = 1  # G > 1: whole groups of G rows that answer one prompt, their prompt computed once
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A rollout's per-token tensor (B, R) -> (b, r): these rows, the columns kept."""
         return x[self.rows, :self.response_len]
 
+    def logprobs(self, model, device, temperature: float, **entropy) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`response_logprobs` of these rows (`group_logprobs` for whole groups), on `device`."""
+        ids, attn = self.input_ids.to(device), self.attention_mask.to(device)
+        if self.group_size > 1:
+            return group_logprobs(model, ids, attn, self.prompt_len, self.group_size, temperature, **entropy)
+        return response_logprobs(model, ids, attn, self.prompt_len, temperature, **entropy)
 
-def micro_batches(rollout: Rollout, rows: list[int], size: int) -> list[MicroBatch]:
-    """`rows` of the rollout `size` at a time, longest first so that rows of like length share a micro-batch."""
+
+def micro_batches(rollout: Rollout, rows: list[int], size: int, group_size: int = 1) -> list[MicroBatch]:
+    """`rows` of the rollout `size` at a time, longest first so that rows of like length share a micro-batch.
+
+    group_size G > 1: `rows` are whole groups (G consecutive rows answering one prompt, in order), kept whole, at
+    least one group per micro-batch, so that each prompt is computed once (`group_logprobs`)."""
+    G = group_size
     prompt_lens = rollout.attention_mask[:, :rollout.prompt_len].sum(-1).tolist()
     response_lens = rollout.response_mask.sum(-1).tolist()
-    ordered = sorted(rows, key=lambda i: -(prompt_lens[i] + response_lens[i]))
+    units = [rows[i:i + G] for i in range(0, len(rows), G)]
+    if G > 1 and any(unit != list(range(unit[0], unit[0] + G)) or unit[0] % G for unit in units):
+        raise ValueError(f"rows {rows} are not whole groups of {G}")
+    ordered = sorted(units, key=lambda u: -max(prompt_lens[i] + response_lens[i] for i in u))
     batches = []
-    for part in chunks(ordered, size):
+    for group in chunks(ordered, max(1, size // G)):
+        part = [i for unit in group for i in unit]
         p = max(prompt_lens[i] for i in part)
         r = max(1, max(response_lens[i] for i in part))
         columns = slice(rollout.prompt_len - p, rollout.prompt_len + r)
-        batches.append(MicroBatch(part, rollout.input_ids[part, columns], rollout.attention_mask[part, columns], p, r))
+        batches.append(MicroBatch(part, rollout.input_ids[part, columns], rollout.attention_mask[part, columns], p, r,
+                                  G))
     return batches
 
 

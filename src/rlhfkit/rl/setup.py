@@ -25,7 +25,7 @@ from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load
                             read_reward_stats)
 from rlhfkit.rl.config import RLConfig
 from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
-                                pad_responses, response_logprobs)
+                                pad_responses)
 from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check_finite_scores, check_reward_columns,
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
@@ -305,15 +305,15 @@ def whole_batch(world: World, scored: Scored, per_token: list[torch.Tensor], pad
 
 
 @torch.no_grad()
-def reference_logprobs(models: Models, rollout: Rollout, temperature: float, device, micro: int) -> torch.Tensor:
-    """(B, R) log-probs of the sampled tokens under the reference, at the sampling temperature, 0 where masked."""
+def reference_logprobs(models: Models, rollout: Rollout, temperature: float, device, micro: int,
+                       group_size: int = 1) -> torch.Tensor:
+    """(B, R) log-probs of the sampled tokens under the reference, at the sampling temperature, 0 where masked.
+    group_size G > 1: the rollout's rows are groups of G answering one prompt, which is computed once per group."""
     out = torch.zeros(rollout.response_mask.shape)
     ref = models.ref if models.ref is not None else models.actor
-    for mb in micro_batches(rollout, list(range(rollout.input_ids.shape[0])), micro):
-        ids, attn = mb.input_ids.to(device), mb.attention_mask.to(device)
+    for mb in micro_batches(rollout, list(range(rollout.input_ids.shape[0])), micro, group_size):
         with adapter_disabled(models.actor) if models.ref is None else contextlib.nullcontext():
-            out[mb.rows, :mb.response_len] = response_logprobs(ref, ids, attn, mb.prompt_len,
-                                                               temperature)[0].float().cpu()
+            out[mb.rows, :mb.response_len] = mb.logprobs(ref, device, temperature)[0].float().cpu()
     return out.masked_fill(~rollout.response_mask, 0.0)
 
 
@@ -352,12 +352,15 @@ def ptx_backward(actor, data: Data, update_step: int, settings: UpdateSettings, 
     return total / n_tokens
 
 
-def minibatch_order(B: int, settings: UpdateSettings, iteration: int) -> list[list[int]]:
+def minibatch_order(B: int, settings: UpdateSettings, iteration: int, group_size: int = 1) -> list[list[int]]:
     """ppo_epochs shuffles of the B rows, cut into minibatches. The shuffle is a function of (seed, iteration), so a
-    resumed run replays it without saved sampler state."""
+    resumed run replays it without saved sampler state. group_size G > 1 shuffles whole groups (G consecutive rows),
+    which stay together, in order."""
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + iteration)
-    return [mini for _ in range(settings.ppo_epochs)
-            for mini in chunks(torch.randperm(B, generator=generator).tolist(), settings.mini_batch)]
+    G = group_size
+    orders = [[g * G + j for g in torch.randperm(B // G, generator=generator).tolist() for j in range(G)]
+              for _ in range(settings.ppo_epochs)]
+    return [mini for order in orders for mini in chunks(order, settings.mini_batch)]
 
 
 def add(into: dict[str, float], values: dict[str, float]) -> None:
