@@ -200,7 +200,7 @@ def run_grpo(config: GRPOConfig) -> Path:
     data = load_data(config, tokenizer, out, functions, monitor_fn)
     actor, actor_is_peft = load_actor(config, tokenizer, world)
     ref = load_reference(config, tokenizer, world, actor_is_peft) if config.kl_coef > 0 else None
-    reward, _ = load_reward(config, tokenizer, functions, world)
+    reward = load_reward(config, tokenizer, functions, world)
     monitor = FunctionScorer(monitor_fn, tokenizer, f"--monitor-fn {config.monitor_fn}") if monitor_fn else None
     models = Models(actor, ref, reward, monitor=monitor)
     if world.rank > 0:  # same initialisation everywhere, but each rank samples its responses from a stream of its own

@@ -23,7 +23,7 @@ import torch
 
 from rlhfkit.config import ConfigError
 from rlhfkit.models import (TokenValues, autocast, is_peft, load_sequence_classifier, load_tokenizer,
-                            load_trainable_state, trainable_state)
+                            load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.rl.core import (aggregate, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
@@ -349,5 +349,19 @@ def _load_models(config: PPOConfig, tokenizer, functions, world: World) -> Model
     ref = load_reference(config, tokenizer, world, actor_is_peft)
     # With a LoRA critic started from the reward model, the reward model is that critic with its adapter disabled.
     shared = critic if config.reward and is_peft(unwrap(critic).classifier) and critic_path == config.reward else None
-    reward, reward_stats = load_reward(config, tokenizer, functions, world, shared_critic=shared)
-    return Models(actor, ref, reward, reward_stats, critic=critic)
+    reward = load_reward(config, tokenizer, functions, world, shared_critic=shared)
+    return Models(actor, ref, reward, _reward_stats(config), critic=critic)
+
+
+def _reward_stats(config: PPOConfig) -> tuple[float, float] | None:
+    """The (mean, std) `rlhfkit rm` stored with the reward model, when reward_norm uses them (rm-stats, or auto with
+    the reward model as the only source)."""
+    stored = read_reward_stats(config.reward) if config.reward else None
+    if config.reward_norm == "rm-stats" and stored is None:
+        raise ConfigError(f"reward_norm: rm-stats, but {config.reward} has no stored score statistics "
+                          "(reward_stats.json, written by `rlhfkit rm`)")
+    if stored is None or config.reward_norm not in ("auto", "rm-stats") or config.reward_fn:
+        return None
+    stats = (stored["mean"], stored["std"] or 1.0)
+    log.info(f"rewards normalised with the reward model's stored mean {stats[0]:.4f}, std {stats[1]:.4f}")
+    return stats

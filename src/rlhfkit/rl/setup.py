@@ -21,8 +21,8 @@ from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encod
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier, load_tokenizer,
-                            read_reward_stats)
+from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier,
+                            load_tokenizer)
 from rlhfkit.rl.config import RLConfig
 from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
                                 pad_responses)
@@ -194,12 +194,10 @@ def load_reference(config: RLConfig, tokenizer, world: World, actor_is_peft: boo
 
 
 def load_reward(config: RLConfig, tokenizer, functions: list[tuple[str, Callable]], world: World,
-                shared_critic: torch.nn.Module | None = None) -> tuple[Reward, tuple[float, float] | None]:
-    """The reward model (if any) and the functions with their weights; and the reward model's stored score
-    statistics, when it is the only source and stored them. `shared_critic`: a LoRA critic started from the reward
-    model, whose disabled adapter is the reward model (PPO passes it; no second copy)."""
+                shared_critic: torch.nn.Module | None = None) -> Reward:
+    """The reward model (if any) and the functions with their weights. `shared_critic`: a LoRA critic started from
+    the reward model, whose disabled adapter is the reward model (PPO passes it; no second copy)."""
     scorers = []
-    reward_stats = None
     if config.reward:
         reward_tokenizer = load_tokenizer(config.reward)
         if shared_critic is not None:
@@ -211,17 +209,8 @@ def load_reward(config: RLConfig, tokenizer, functions: list[tuple[str, Callable
                                          same_tokenizer=same_vocabulary(tokenizer, reward_tokenizer),
                                          template=resolve_template(config.template, reward_tokenizer),
                                          max_len=config.max_prompt_len + config.max_new_tokens + 8))
-        stored = read_reward_stats(config.reward)
-        norm = getattr(config, "reward_norm", "none")
-        if norm == "rm-stats" and stored is None:
-            raise ConfigError(f"reward_norm: rm-stats, but {config.reward} has no stored score statistics "
-                              "(reward_stats.json, written by `rlhfkit rm`)")
-        if stored is not None and norm in ("auto", "rm-stats") and not functions:
-            reward_stats = (stored["mean"], stored["std"] or 1.0)
-            log.info(f"rewards normalised with the reward model's stored mean {reward_stats[0]:.4f}, "
-                     f"std {reward_stats[1]:.4f}")
     scorers += [FunctionScorer(fn, tokenizer, f"--reward-fn {spec}") for spec, fn in functions]
-    return Reward(scorers, config.reward_weights or [1.0] * len(scorers)), reward_stats
+    return Reward(scorers, config.reward_weights or [1.0] * len(scorers))
 
 
 # ----------------------------------------------------------------------------------- steps 1 and 2 of an iteration
