@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from rlhfkit.config import ConfigError
 from rlhfkit.data.formats import Message, PromptExample
-from rlhfkit.models import add_lora, load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, last_token_scores,
+from rlhfkit.models import add_lora, disable_dropout, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, generate, last_token_scores,
                                 left_pad, micro_batches, pad_responses, position_ids, response_logprobs,
                                 stop_string_ends, token_values)
 from rlhfkit.rl.scoring import (FunctionScorer, RewardModelScorer, RunningMoments, call_reward_fn, load_reward_fn,

@@ -20,7 +20,9 @@ from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import load_causal_lm, load_sequence_classifier, load_tokenizer, score_head
-from rlhfkit.rm.train import RMConfig, encode_pairs, run_rm, score_pairs
+from rlhfkit.data.encode import encode_pairs
+from rlhfkit.rm.scoring import score_pairs
+from rlhfkit.rm.train import RMConfig, run_rm
 from rlhfkit.sft.train import SFTConfig, run_sft
 from rlhfkit.training.common import make_optimizer, make_scheduler, rows_per_pass
 from rlhfkit.training.guards import TrainingError

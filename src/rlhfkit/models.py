@@ -402,3 +402,15 @@ def _warn_if_cpu_lacks_bf16() -> None:
         logging.getLogger("rlhfkit").warning(
             "warning: this CPU has no native bf16 matrix instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 "
             "will be much slower than float32 here")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every form transformers uses (nn.Dropout modules and float rates read in forward), so a forward
+    pass in training mode computes what eval mode does: PPO's ratio pi/pi_old is 1 at the first minibatch, and DPO's
+    implicit reward is 0 at the start, only if the policy and the reference are the same function."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)

@@ -47,3 +47,13 @@ def pad_right(sequences: list[list[int]], pad_id: int, masks: list[list[bool]] |
             loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
         batch["loss_mask"] = loss_mask
     return batch
+
+
+def collate_pairs(pairs: list, pad_id: int) -> dict:
+    """Encoded pairs (chosen, rejected, margin) as one batch: input_ids, attention_mask, loss_mask (2B, T), the B
+    chosen sequences then the B rejected ones; margin (B,); num_items B."""
+    sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
+    batch = pad_right([e.input_ids for e in sequences], pad_id, [e.loss_mask for e in sequences])
+    batch["margin"] = torch.tensor([p[2] for p in pairs], dtype=torch.float32)
+    batch["num_items"] = len(pairs)
+    return batch

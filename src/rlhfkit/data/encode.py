@@ -119,6 +119,20 @@ def encode_pair(pair: PreferencePair, tokenizer, template: str, max_len: int, st
     return chosen, rejected
 
 
+EncodedPair = tuple[Encoded, Encoded, float]  # chosen, rejected, margin
+
+
+def encode_pairs(pairs: list[PreferencePair], tokenizer, template: str, max_len: int, stats: EncodeStats
+                 ) -> list[EncodedPair]:
+    """The pairs that fit in `max_len`, encoded (what the reward model and DPO train on)."""
+    out = []
+    for pair in pairs:
+        encoded = encode_pair(pair, tokenizer, template, max_len, stats)
+        if encoded is not None:
+            out.append((encoded[0], encoded[1], pair.margin))
+    return out
+
+
 def encode_prompt(example: PromptExample, tokenizer, template: str, max_prompt_len: int, stats: EncodeStats
                   ) -> list[int]:
     """Prompt ids ending with the assistant header, cut from the left (after BOS) to `max_prompt_len`."""

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.models import (TokenValues, autocast, is_peft, load_sequence_classifier, load_tokenizer,
-                            load_trainable_state, read_reward_stats, trainable_state)
+from rlhfkit.models import (TokenValues, autocast, disable_dropout, is_peft, load_sequence_classifier,
+                            load_tokenizer, load_trainable_state, read_reward_stats, trainable_state)
 from rlhfkit.ppo import core
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.rl.core import (aggregate, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
                              per_token_rewards, policy_loss)
-from rlhfkit.rl.rollout import Rollout, disable_dropout, micro_batches, response_logprobs
+from rlhfkit.rl.rollout import Rollout, micro_batches, response_logprobs
 from rlhfkit.rl.scoring import FunctionScorer, RunningMoments, same_vocabulary, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add,
                               check_scores, fresh_actor, load_actor, load_data, load_reference, load_reward,

@@ -1,5 +1,5 @@
 """The math every RL algorithm shares, as small pure torch functions: tensors and numbers in, tensors out, no config
-and no model: masked statistics, log-probs and entropy, stops, the KL estimate and the per-token reward, the clipped
+and no model: masked statistics, entropy, stops, the KL estimate and the per-token reward, the clipped
 policy loss and its aggregation. PPO's own (GAE, the value loss, the KL controller) is in ppo/core.py, the critic-free
 estimators in grpo/core.py.
 
@@ -49,12 +49,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 # -------------------------------------------------------------------------------------------------- policy outputs
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels): logits (B, R, V) float, labels (B, R) long -> (B, R). (The logit minus the log-sum-exp: no
-    (B, R, V) log-softmax is kept.)"""
-    return logits.gather(2, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax at each position: logits (B, R, V) -> (B, R)."""
     logp = logits.log_softmax(-1)

@@ -15,8 +15,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rlhfkit.data.batching import chunks
+from rlhfkit.logprobs import logprobs_from_logits
 from rlhfkit.models import position_ids, token_values
-from rlhfkit.rl.core import entropy_from_logits, logprobs_from_logits, truncate_after_stop
+from rlhfkit.rl.core import entropy_from_logits, truncate_after_stop
 from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
 
@@ -299,15 +300,3 @@ def value_at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> t
     """values (B, T), attention_mask (B, T) -> (B,) each row's value at its last attended position."""
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in every form transformers uses (nn.Dropout modules and float rates read in forward), so a forward
-    pass in training mode computes what the rollout computed. PPO's ratio pi/pi_old is 1 at the first minibatch only
-    if both come from the same function."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in vars(module).items():
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)

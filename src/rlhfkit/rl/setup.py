@@ -21,11 +21,10 @@ from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encod
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import (TokenValues, autocast, is_peft, load_causal_lm, load_sequence_classifier,
-                            load_tokenizer)
+from rlhfkit.models import (TokenValues, autocast, disable_dropout, is_peft, load_causal_lm,
+                            load_sequence_classifier, load_tokenizer)
 from rlhfkit.rl.config import RLConfig
-from rlhfkit.rl.rollout import (Rollout, Sampling, concat_rollouts, disable_dropout, generate, micro_batches,
-                                pad_responses)
+from rlhfkit.rl.rollout import Rollout, Sampling, concat_rollouts, generate, micro_batches, pad_responses
 from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check_finite_scores, check_reward_columns,
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint

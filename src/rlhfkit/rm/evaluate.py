@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import option, require
-from rlhfkit.data.encode import EncodeStats
+from rlhfkit.data.encode import EncodeStats, encode_pairs
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
 from rlhfkit.models import check_positions, load_sequence_classifier, load_tokenizer
-from rlhfkit.rm.train import encode_pairs, pair_metrics, score_pairs
+from rlhfkit.rm.scoring import pair_metrics, score_pairs
 from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
 

@@ -1,4 +1,5 @@
-"""What SFT and reward-model training share: the config fields, the run set-up, optimizer and schedule."""
+"""What every training stage shares: the common config fields, the run set-up (output folder, resume, ranks), the
+optimizer and schedule, LoRA, and writing the final model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ConfigError, option, require, require_seed, to_dict, write_config
-from rlhfkit.data.loading import check_spec_exists, load_examples, split_eval, write_problems
+from rlhfkit.data.loading import check_spec_exists
 from rlhfkit.data.readers import DataError
 from rlhfkit.training.checkpoint import checkpoint_problem, latest_checkpoint, previous_intact, read_state
 from rlhfkit.training.distributed import World, init_world, unwrap
@@ -125,33 +126,6 @@ class CommonConfig:
     @property
     def micro(self) -> int:
         return self.micro_batch_size or self.batch_size
-
-
-@dataclass
-class SupervisedConfig(CommonConfig):
-    """SFT and reward-model training: one model, a dataset with a held-out part."""
-    model: str = option("", "model to start from: a local folder or a Hugging Face hub id", group="model")
-    data: list[str] = option([], "training data: files, folders or hub names, each optionally PATH:WEIGHT "
-                                 "(weight 2 = every row twice, 0.5 = a fixed half)", group="data")
-    eval_data: list[str] = option([], "held-out data; when empty, eval_split of the training data is held out",
-                                  group="data")
-    eval_split: float = option(0.05, "fraction of the training rows held out for evaluation", group="data")
-    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)", group="training")
-
-    def check(self) -> None:
-        require(bool(self.model), "model: required (a local folder or a hub id)")
-        require(bool(self.data), "data: required (one or more files or folders)")
-        super().check()
-        check_data_specs(self.data + self.eval_data, "data")
-        check_model_path(self.model, "model")
-        micro = self.micro_batch_size or self.batch_size
-        require(self.batch_size % micro == 0,
-                f"micro_batch_size: {micro} must divide batch_size {self.batch_size}")
-        require(0 <= self.eval_split < 1, f"eval_split: must be in [0, 1), got {self.eval_split}")
-        require(self.eval_every >= 0, f"eval_every: must be >= 0, got {self.eval_every}")
-        from rlhfkit.models import check_positions
-
-        check_positions([(self.model, "model", self.max_len, "max_len")])
 
 
 def check_data_specs(specs: list[str], field: str) -> None:
@@ -358,29 +332,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def load_train_eval(config: SupervisedConfig, kind: str, out: Path) -> tuple[list, list]:
-    """Training and held-out examples of `kind`, with a report of what was read, skipped and held out."""
-    skipped = out / "skipped_rows.jsonl"
-    train = load_examples(config.data, kind, skip_invalid=config.skip_invalid, seed=config.seed)
-    problems = list(train.problems)
-    if config.eval_data:
-        held = load_examples(config.eval_data, kind, skip_invalid=config.skip_invalid, seed=config.seed)
-        problems += held.problems
-        train_examples, eval_examples = train.examples, held.examples
-    else:
-        train_examples, eval_examples = split_eval(train.examples, config.eval_split, config.seed)
-    for r in train.reports:
-        formats = ", ".join(f"{k} x{v}" for k, v in r.formats.items()) or "none"
-        log.info(f"data {r.path}: {r.rows} rows ({formats}), {r.invalid} invalid, {r.used} used (weight {r.weight:g})")
-    if problems:
-        write_problems(problems, skipped)
-        log.warning(f"skipped {len(problems)} invalid rows; reasons in {skipped}")
-    log.info(f"data: {len(train_examples)} training examples, {len(eval_examples)} held out")
-    if not train_examples:
-        raise ConfigError("data: no valid training examples")
-    return train_examples, eval_examples
-
-
 def total_steps(config: CommonConfig, n_train: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * n_train / config.batch_size))
 
@@ -410,39 +361,6 @@ def with_lora(model, config: CommonConfig, task: str):
 
     return add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                     target_modules=config.lora_target_modules, task=task)
-
-
-def optimization(model, config: CommonConfig, n_train: int, resume: Resume | None, world: World):
-    """(AdamW, warmup + decay schedule, total steps, step to start from): restored from `resume` when given, with the
-    learning rate and weight decay that --resume-allow changed. Under FSDP, `model` must already be sharded: the
-    optimizer holds the shards."""
-    steps = total_steps(config, n_train)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
-    start = 0
-    if resume is not None:
-        from rlhfkit.training.checkpoint import load_checkpoint
-
-        state = load_checkpoint(resume.path, models={"model": (model, optimizer)},
-                                schedulers={"model": scheduler}, world=world)
-        if "lr" in resume.changed:
-            set_peak_lr(scheduler, config.lr)
-        if "weight_decay" in resume.changed:
-            set_weight_decay(optimizer, config.weight_decay)
-        start = int(state["step"])
-        log.info(f"resumed from {resume.path} at step {start}")
-    return optimizer, scheduler, steps, start
-
-
-def checkpoint_saver(out: Path, model, optimizer, scheduler, config: CommonConfig, stage: str, world: World):
-    """save(step): an atomic checkpoint of everything needed to continue exactly from `step` (all ranks call it)."""
-    from rlhfkit.training.checkpoint import save_checkpoint
-
-    def save(step: int) -> Path:
-        return save_checkpoint(out, step, models={"model": (model, optimizer)}, schedulers={"model": scheduler},
-                               state=run_state(config, stage), keep_last=config.keep_last, world=world)
-
-    return save
 
 
 def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, merge_lora: bool,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from rlhfkit.data.batching import chunks, pad_right
 from rlhfkit.data.encode import Encoded
+from rlhfkit.logprobs import sequence_logprobs
 from rlhfkit.models import autocast
 from rlhfkit.training.distributed import World, gather_share, strided_share
 
@@ -22,10 +22,7 @@ def sft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[st
 
     batch: input_ids, attention_mask, loss_mask, each (B, T); loss_mask True where a token is trained.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = batch["loss_mask"][:, 1:]  # token t+1 is predicted from position t
-    picked = logits[:, :-1][targets].float()  # (N, V): only the positions that carry loss
-    return F.cross_entropy(picked, batch["input_ids"][:, 1:][targets], reduction="sum"), {}
+    return example_losses(model, batch)[0].sum(), {}
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict:
@@ -36,11 +33,8 @@ def collate(examples: list[Encoded], pad_id: int) -> dict:
 
 def example_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed token loss, trained tokens) of each example, each (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = batch["loss_mask"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1][targets].float(), batch["input_ids"][:, 1:][targets], reduction="none")
-    rows = targets.nonzero()[:, 0]  # (N,) the example each trained token belongs to
-    return torch.zeros(len(targets), device=losses.device).index_add_(0, rows, losses), targets.sum(1).float()
+    logprobs, tokens = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    return -logprobs, tokens
 
 
 @torch.no_grad()
