@@ -1,4 +1,4 @@
-"""SFT, reward-model, PPO and GRPO training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one process
+"""SFT, reward-model, DPO, PPO and GRPO training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one process
 on the same global batch, DCP checkpoints that survive SIGKILL and reshard from 2 ranks to 1, a dead rank ends the job.
 
 Each run is a real `rlhfkit ... --nproc 2` (torchrun) subprocess. Run these alone with `pytest -m distributed`.
@@ -36,11 +36,20 @@ def data(tmp_path_factory) -> dict[str, Path]:
             "rm_eval": write_jsonl(root / "rm_eval.jsonl", color_preference_rows(9, seed=1))}
 
 
+def command(stage: str) -> tuple[str, dict]:
+    """(rlhfkit command, its extra flags) of a stage as these tests name it."""
+    if stage.startswith("dpo"):  # DPO reads the reward model's pairs; dpo-lora: its reference is the adapter disabled
+        return "dpo", dict(lora_r=4, lr=2e-2) if stage == "dpo-lora" else {}
+    return stage, {}
+
+
 def stage_args(stage: str, model: Path, data, out: Path, **extra) -> list[str]:
     """Arguments of `rlhfkit STAGE`: 10 steps of a global batch of 8, evaluated at steps 5 and 10."""
-    values = dict(model=str(model), data=str(data[stage]), eval_data=str(data[f"{stage}_eval"]), output=str(out),
-                  batch_size=8, micro_batch_size=2, lr=5e-3, max_steps=STEPS, eval_every=5, save_every=0) | extra
-    return [stage] + [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+    name, own = command(stage)
+    key = "rm" if name == "dpo" else name
+    values = dict(model=str(model), data=str(data[key]), eval_data=str(data[f"{key}_eval"]), output=str(out),
+                  batch_size=8, micro_batch_size=2, lr=5e-3, max_steps=STEPS, eval_every=5, save_every=0) | own | extra
+    return [name] + [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
 
 
 def rlhfkit(args: list[str], **popen) -> subprocess.Popen:
@@ -75,21 +84,22 @@ def runs(tiny_models, data, tmp_path_factory) -> dict[str, Path]:
     independent) and awaited. The FSDP SFT run also checkpoints at step 5, for the 2 -> 1 resume."""
     root = tmp_path_factory.mktemp("dist-runs")
     plans = {}
-    for stage in ("sft", "rm"):
+    for stage in ("sft", "rm", "dpo", "dpo-lora"):
         plans[f"{stage}-single"] = stage_args(stage, tiny_models["llama"], data, root / f"{stage}-single")
         for strategy in ("ddp", "fsdp"):
             extra = dict(save_every=5) if (stage, strategy) == ("sft", "fsdp") else {}
             plans[f"{stage}-{strategy}"] = stage_args(stage, tiny_models["llama"], data, root / f"{stage}-{strategy}",
                                                       strategy=strategy, nproc=2, keep_last=5, **extra)
     outputs = {}
-    for group in (["sft-single", "rm-single"], ["sft-ddp", "rm-ddp"], ["sft-fsdp"], ["rm-fsdp"]):  # <= 4 processes
+    for group in (["sft-single", "rm-single", "dpo-single", "dpo-lora-single"], ["sft-ddp", "rm-ddp"], ["sft-fsdp"],
+                  ["rm-fsdp"], ["dpo-ddp", "dpo-lora-ddp"], ["dpo-fsdp"], ["dpo-lora-fsdp"]):  # <= 4 processes
         started = {name: rlhfkit(plans[name]) for name in group}
         for name, process in started.items():
             outputs[name] = finish(process)
     return {name: root / name for name in plans} | {"log:" + k: v for k, v in outputs.items()}
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "dpo-lora"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_on_the_same_global_batch(runs, stage, strategy):
     single, two = runs[f"{stage}-single"], runs[f"{stage}-{strategy}"]

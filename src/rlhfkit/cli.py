@@ -20,6 +20,7 @@ stages:
   rm         train a reward model on preference pairs
   ppo        PPO with a reward model or functions, KL penalty, GAE and PTX
   grpo       critic-free RL: GRPO, Dr.GRPO, RLOO, REINFORCE++ on groups of samples per prompt
+  dpo        train the policy on preference pairs directly: DPO, IPO, SimPO (no reward model, no sampling)
 tools:
   eval-rm    a reward model's accuracy and example scores on preference pairs
   compare    several models' responses to the same prompts side by side, with reward-model scores
@@ -79,6 +80,13 @@ def _grpo(argv: list[str]) -> int:
 
     return _stage("grpo", "rlhfkit.grpo.train:run_grpo", parse_config(GRPOConfig, argv, "rlhfkit grpo",
                   "Critic-free RL (GRPO, Dr.GRPO, RLOO, REINFORCE++) with a reward model or functions."), argv)
+
+
+def _dpo(argv: list[str]) -> int:
+    from rlhfkit.dpo.train import DPOConfig
+
+    return _stage("dpo", "rlhfkit.dpo.train:run_dpo", parse_config(DPOConfig, argv, "rlhfkit dpo",
+                  "Offline preference optimisation (DPO, cDPO, robust DPO, IPO, SimPO) on preference pairs."), argv)
 
 
 def _eval_rm(argv: list[str]) -> int:
@@ -166,7 +174,7 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     return 2 if unreadable else 1 if problems else 0
 
 
-COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "grpo": _grpo, "eval-rm": _eval_rm,
+COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "grpo": _grpo, "dpo": _dpo, "eval-rm": _eval_rm,
             "compare": _compare, "chat": _chat, "data": _data}
 
 
