@@ -7,13 +7,13 @@ of the bf16 matrix-product rate measured in the same run.
 It installs nothing: rlhfkit on an environment that has torch, transformers and peft (`pip install --no-deps -e .`).
 It builds a tokenizer on synthetic text and a Llama from its config (hidden 1280, 24 layers, 20 heads, FFN 3456:
 ~0.48B parameters), then runs rlhfkit's own entry points, one after another in this process: SFT, RM (from the SFT
-model), PPO (actor from SFT, critic and reward from RM) and GRPO (reward from RM), each for a few steps, and on two or
-more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from the run's metrics.jsonl (the first
+model), PPO (actor from SFT, critic and reward from RM), GRPO (reward from RM) and DPO (from SFT, on the RM's pairs),
+each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from the run's metrics.jsonl (the first
 step, with warm-up, left out) and torch.cuda.max_memory_allocated.
 
 Model FLOPs: 2 per multiply-add per token through the non-embedding weights and the head (attention's T^2 terms are
-left out: at these lengths they are a few percent), times 3 for a training step (forward and backward). Sampling is
-counted as one forward pass over prompt and response per sequence.
+left out: at these lengths they are a few percent), times 3 for a training step (forward and backward), plus one
+forward pass for DPO's reference. Sampling is counted as one forward pass over prompt and response per sequence.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def median(rows: list[dict], key: str) -> float:
 
 def run_stages(out: Path, files: dict[str, Path], size: dict, dtype: str, vocab: int) -> list[dict]:
     from rlhfkit.config import make_config
+    from rlhfkit.dpo.train import DPOConfig, run_dpo
     from rlhfkit.grpo.config import GRPOConfig
     from rlhfkit.grpo.train import run_grpo
     from rlhfkit.ppo.config import PPOConfig
@@ -119,6 +120,9 @@ def run_stages(out: Path, files: dict[str, Path], size: dict, dtype: str, vocab:
                                       eval_split=0.02, lr=1e-5)),
         ("ppo", run_ppo, PPOConfig, dict(rl, batch_size=size["prompts"], critic_lr=1e-6)),
         ("grpo", run_grpo, GRPOConfig, dict(rl, batch_size=size["groups"], num_generations=size["generations"])),
+        ("dpo", run_dpo, DPOConfig, dict(common, model=str(out / "sft" / "final"), data=[str(files["pairs"])],
+                                         max_steps=size["rm_steps"], batch_size=size["batch"], max_len=512,
+                                         eval_split=0.02, lr=1e-6)),
     ]
     from rlhfkit.models import load_tokenizer
 
@@ -136,9 +140,10 @@ def run_stages(out: Path, files: dict[str, Path], size: dict, dtype: str, vocab:
         wall = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         rows = records(out / name)
-        if name in ("sft", "rm"):  # tokens_per_s: the attended tokens of every sequence (both of an RM pair)
+        if name in ("sft", "rm", "dpo"):  # tokens_per_s: the attended tokens of every sequence (both of a pair)
             tokens = median(rows, "tokens_per_s")
-            rates, seconds = {"train": 3 * 2 * (lm if name == "sft" else rm) * tokens}, {}
+            passes = {"sft": 3 * lm, "rm": 3 * rm, "dpo": (3 + 1) * lm}[name]  # DPO: + the reference's forward
+            rates, seconds = {"train": 2 * passes * tokens}, {}
         else:  # tokens_per_s: the response tokens of an iteration / its seconds
             tokens = median(rows, "tokens_per_s")
             sequences = size["prompts"] if name == "ppo" else size["groups"] * size["generations"]

@@ -119,17 +119,17 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("base", "sft", "ppo", "grpo", "grpo_gold"):
+    for name in ("base", "sft", "ppo", "grpo", "grpo_gold", "dpo"):
         g = summary["gold"][name]
         assert -7 <= g["mean"] <= 4 and 0 <= g["ci95"] < 5
-    assert set(summary["win_rate"]) == {"sft_vs_base", "ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft"}
+    assert set(summary["win_rate"]) == {"sft_vs_base", "ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft", "dpo_vs_sft"}
     assert all(0 <= v <= 1 for v in summary["win_rate"].values())
-    assert set(summary["kl_to_sft"]) == {"ppo", "grpo", "grpo_gold"}
+    assert set(summary["kl_to_sft"]) == {"ppo", "grpo", "grpo_gold", "dpo"}
     assert all(math.isfinite(v) and v > -1 for v in summary["kl_to_sft"].values())  # an estimate: can dip below 0
     assert 0 <= summary["rm_accuracy"] <= 1
     assert all(math.isfinite(v) and v > 0 for v in summary["corpus_loss"].values())
-    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "evaluate"}
-    for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold"):  # the same runs a user makes, configs beside the results
+    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo", "evaluate"}
+    for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo"):  # the same runs a user makes, configs beside the results
         assert (out / stage / "config.yaml").is_file() and (out / stage / "final" / "config.json").is_file()
     assert "monitor" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "monitor" in json.loads((out / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -139,7 +139,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(eval_rm["pairs"]) == len((out / "data" / "eval_pairs.jsonl").read_text().splitlines())
     compare = json.loads((out / "eval" / "compare.json").read_text())
     assert len(compare["rows"]) == summary["eval_prompts"] == 24
-    for name in ("base", "sft", "ppo", "grpo", "grpo_gold"):
+    for name in ("base", "sft", "ppo", "grpo", "grpo_gold", "dpo"):
         gold = [row["responses"][name]["gold"] for row in compare["rows"]]
         assert summary["gold"][name] == mean_ci(gold)
         rm = [row["responses"][name]["score"] for row in compare["rows"]]
@@ -152,7 +152,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert kl_to_sft(out / "sft" / "final", out / "sft" / "final", prompts, grpo_rows) == 0.0
     assert kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows) == summary["kl_to_sft"]["grpo"]
     page = (out / "report" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 8
+    assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 9  # dpo_rewards.png too
     assert f"{summary['gold']['ppo']['mean']:.3f}" in page
 
     # The same seed gives the same numbers: only the wall times differ.

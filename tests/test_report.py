@@ -22,7 +22,7 @@ PASSING = {
     "seed": 7,
     "gold": {"base": {"mean": -4.0, "ci95": 0.25}, "sft": {"mean": -2.25, "ci95": 0.2},
              "ppo": {"mean": -1.5, "ci95": 0.125}},
-    "win_rate": {"sft_vs_base": 0.7, "ppo_vs_sft": 0.66},
+    "win_rate": {"sft_vs_base": 0.7, "ppo_vs_sft": 0.66, "grpo_vs_sft": 0.66, "dpo_vs_sft": 0.61},
     "rm_accuracy": 0.86,
     "corpus_loss": {"sft": 2.0, "ppo": 2.18},  # 1.09x
     "eval_prompts": 24,
@@ -44,8 +44,8 @@ def changed(**paths) -> dict:
 
 
 def all_pass_but(key: str | None) -> dict[str, bool]:
-    return {k: k != key for k in ("rm_accuracy", "win_sft_vs_base", "win_ppo_vs_sft", "gold_ppo_over_sft",
-                                  "corpus_loss")}
+    return {k: k != key for k in ("rm_accuracy", "win_sft_vs_base", "win_ppo_vs_sft", "win_grpo_vs_sft",
+                                  "win_dpo_vs_sft", "gold_ppo_over_sft", "corpus_loss")}
 
 
 def test_acceptance_passing_summary():
@@ -53,12 +53,15 @@ def test_acceptance_passing_summary():
     # The boundaries are inclusive where the brief says ">=" / "within".
     assert acceptance(changed(rm_accuracy=THRESHOLDS["rm_accuracy"])) == all_pass_but(None)
     assert acceptance(changed(**{"win_rate.ppo_vs_sft": 0.65})) == all_pass_but(None)
+    assert acceptance(changed(**{"win_rate.dpo_vs_sft": 0.60})) == all_pass_but(None)
 
 
 @pytest.mark.parametrize("paths, failing", [
     ({"rm_accuracy": 0.849}, "rm_accuracy"),
     ({"win_rate.sft_vs_base": 0.64}, "win_sft_vs_base"),
     ({"win_rate.ppo_vs_sft": 0.5}, "win_ppo_vs_sft"),
+    ({"win_rate.grpo_vs_sft": 0.64}, "win_grpo_vs_sft"),
+    ({"win_rate.dpo_vs_sft": 0.59}, "win_dpo_vs_sft"),
     # Gain 0.15: above PPO's CI (0.125) but not SFT's (0.2), so not significant.
     ({"gold.ppo.mean": -2.1}, "gold_ppo_over_sft"),
     # Gain 0.75: above SFT's CI (0.2) but not PPO's, made wider (0.8).
@@ -143,14 +146,15 @@ def test_page_shows_numbers_tables_and_acceptance(report):
     for text in ("seed 7", "-4.000 ± 0.250", "-2.250 ± 0.200", "-1.500 ± 0.125", "0.700", "0.660", "0.860",
                  "2.000 → 2.180 (+9.0%)", "316.5 s (5 min 16 s)"):
         assert text in page, text
-    assert page.count('<span class="pass">pass</span>') == 5 and "FAIL" not in page
+    assert page.count('<span class="pass">pass</span>') == 7 and "FAIL" not in page
     # First 12 of 15 pairs / 14 prompts only.
     assert "prompt 11 &lt;b&gt;" in page and "prompt 12 &lt;b&gt;" not in page
     assert "What is item 11?" in page and "What is item 12?" not in page
     assert '<div class="score">rm 0.12 · gold 1.00</div>' in page
     assert '<div class="score">gold -3.25</div>' in page  # a null RM score is left out
     assert "0.8125" not in page and "0.812" in page  # RM eval metrics, formatted
-    for section in ("Reward model on held-out pairs", "Base vs SFT vs PPO on held-out prompts", "Stage timings"):
+    for section in ("Reward model on held-out pairs", "Base vs SFT vs the tuned models on held-out prompts",
+                    "Stage timings"):
         assert f"<h2>{section}</h2>" in page
 
 

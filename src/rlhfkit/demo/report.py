@@ -19,11 +19,12 @@ THRESHOLDS = {
     "win_sft_vs_base": 0.65,
     "win_ppo_vs_sft": 0.65,
     "win_grpo_vs_sft": 0.65,
+    "win_dpo_vs_sft": 0.60,
     "gold_ci_multiple": 1.0,
     "corpus_loss_ratio": 1.1,
 }
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo")
 TABLE_ROWS = 12
 
 
@@ -35,7 +36,8 @@ def acceptance(summary: dict) -> dict[str, bool]:
         "rm_accuracy": summary["rm_accuracy"] >= t["rm_accuracy"],
         "win_sft_vs_base": wins["sft_vs_base"] >= t["win_sft_vs_base"],
         "win_ppo_vs_sft": wins["ppo_vs_sft"] >= t["win_ppo_vs_sft"],
-        **({"win_grpo_vs_sft": wins["grpo_vs_sft"] >= t["win_grpo_vs_sft"]} if "grpo_vs_sft" in wins else {}),
+        **{f"win_{name}_vs_sft": wins[f"{name}_vs_sft"] >= t[f"win_{name}_vs_sft"] for name in ("grpo", "dpo")
+           if f"{name}_vs_sft" in wins},
         "gold_ppo_over_sft": gain > t["gold_ci_multiple"] * max(gold["sft"]["ci95"], gold["ppo"]["ci95"]),
         "corpus_loss": loss["ppo"] <= t["corpus_loss_ratio"] * loss["sft"],
     }
@@ -48,6 +50,7 @@ def criteria_text() -> dict[str, str]:
         "win_sft_vs_base": f"win rate SFT over base >= {t['win_sft_vs_base']}",
         "win_ppo_vs_sft": f"win rate PPO over SFT >= {t['win_ppo_vs_sft']}",
         "win_grpo_vs_sft": f"win rate GRPO (reward model) over SFT >= {t['win_grpo_vs_sft']}",
+        "win_dpo_vs_sft": f"win rate DPO over SFT >= {t['win_dpo_vs_sft']}",
         "gold_ppo_over_sft": f"PPO gold mean - SFT gold mean > {t['gold_ci_multiple']:g} x max(ci95 SFT, ci95 PPO)",
         "corpus_loss": f"PPO corpus loss <= {t['corpus_loss_ratio']} x SFT corpus loss",
     }
@@ -142,6 +145,14 @@ def make_plots(out: Path, timings: dict[str, float]) -> dict[str, object]:
         ax.plot(*series(rm, "accuracy", "eval"), "o", label="eval")
         ax.legend(fontsize=8)
 
+    dpo = metrics["dpo"]
+    if series(dpo, "rewards/margins")[0]:
+        figs["dpo_rewards.png"], ax = axes("DPO implicit reward on the preference pairs", "step", "")
+        ax.plot(*series(dpo, "rewards/margins"), label="margin chosen - rejected (train)")
+        ax.plot(*series(dpo, "rewards/margins", "eval"), "o", label="margin (held-out pairs)")
+        ax.plot(*series(dpo, "rewards/accuracies", "eval"), "s", label="accuracy (held-out pairs)")
+        ax.legend(fontsize=8)
+
     if timings:
         figs["timings.png"], ax = axes("Wall time per stage", "seconds", "")
         ax.barh(list(timings), list(timings.values()))
@@ -206,6 +217,7 @@ def acceptance_table(summary: dict) -> str:
         "win_sft_vs_base": num(summary["win_rate"]["sft_vs_base"]),
         "win_ppo_vs_sft": num(summary["win_rate"]["ppo_vs_sft"]),
         "win_grpo_vs_sft": num(summary["win_rate"].get("grpo_vs_sft", float("nan"))),
+        "win_dpo_vs_sft": num(summary["win_rate"].get("dpo_vs_sft", float("nan"))),
         "gold_ppo_over_sft": f"{num(gold['ppo']['mean'] - gold['sft']['mean'])} vs "
                              f"{num(max(gold['sft']['ci95'], gold['ppo']['ci95']))}",
         "corpus_loss": f"{num(loss['ppo'] / loss['sft'])} x",
@@ -290,7 +302,7 @@ def write_report(out: Path) -> Path:
         ("Acceptance", acceptance_table(summary)),
         ("Training curves", "".join(images) or note("No metrics found.")),
         ("Reward model on held-out pairs", rm_eval_section(read_json(out / "eval" / "eval_rm.json"))),
-        ("Base vs SFT vs PPO on held-out prompts", compare_section(read_json(out / "eval" / "compare.json"))),
+        ("Base vs SFT vs the tuned models on held-out prompts", compare_section(read_json(out / "eval" / "compare.json"))),
         ("Stage timings", timings_section(summary)),
         ("Stage configs", configs_section(out)),
     ]
