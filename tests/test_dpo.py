@@ -250,6 +250,15 @@ def test_lora_reference_is_the_adapter_disabled_policy(tiny_models, data, tmp_pa
                            base["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_models, data, tmp_path):
+    runs = [tmp_path / "plain", tmp_path / "checkpointed"]
+    for out, on in zip(runs, (False, True)):
+        run_dpo(config(tiny_models["llama"], data, out, max_steps=3, gradient_checkpointing=on, eval_data=[]))
+    for a, b in zip(records(runs[0], "train"), records(runs[1], "train")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("values, message", [
     ({"loss": "simpo", "ref": "x"}, "ref: --loss simpo is reference-free"),
