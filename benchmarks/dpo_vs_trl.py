@@ -6,7 +6,8 @@ of both on the same model, pairs, order, learning rate, beta and batch.
 
 Both sides train from the same Llama (built from a config) on the same pairs in the same order (TRL reads a file
 written in the order rlhfkit's steps take the pairs, without shuffling), dropout off, AdamW at a constant learning
-rate, the gradient clipped at 1. Configurations (the PPO benchmark's Llamas):
+rate, the gradient clipped at 1, no gradient checkpointing (TRL's DPO turns it on by default), the reference's
+log-probs computed at every step (neither side precomputes them). Configurations (the PPO benchmark's Llamas):
     tiny: hidden 64, 2 layers; pairs of about 70 tokens, batch 8, 20 steps, lr 1e-4, beta 0.1 (--check)
     S: hidden 256, 4 layers (~4.4M); M: hidden 512, 8 layers (~30M); pairs of about 256 tokens, batch 16
 Each side runs in a fresh process, the sides alternate, every process uses the same number of threads; TRL runs in a

@@ -2,9 +2,10 @@
 weights (--check), or its step times, as JSON.
 
 Run by dpo_vs_trl.py with the Python of a throwaway venv that has trl==1.16.0 (never a dependency of rlhfkit), so it
-imports nothing from rlhfkit. The trainer runs unchanged but for two things the comparison needs: the pairs are read
-in the order rlhfkit's steps take them (the file is written in that order and TRL's sampler does not shuffle), and
-each step's loss is recorded at full precision (the Trainer's log rounds it to 4 decimals).
+imports nothing from rlhfkit. The trainer runs unchanged but for what the comparison needs: the pairs are read in the
+order rlhfkit's steps take them (the file is written in that order and TRL's sampler does not shuffle), each step's
+loss is recorded at full precision (the Trainer's log rounds it to 4 decimals), plain AdamW (TRL's default is the fused
+one) and no gradient checkpointing (TRL's default turns it on; rlhfkit's is off).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
         lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, beta=args.beta, loss_type=[args.loss],
         label_smoothing=args.label_smoothing, max_length=None, optim="adamw_torch", weight_decay=0.0,
         max_grad_norm=1.0, bf16=args.dtype == "bfloat16", use_cpu=True, dataloader_num_workers=0,
-        precompute_ref_log_probs=False)
+        precompute_ref_log_probs=False,
+        gradient_checkpointing=False)  # TRL's DPO turns it on by default; rlhfkit's is off: the same work both sides
     policy = AutoModelForCausalLM.from_pretrained(f"{args.work}/policy", dtype=torch.float32)
 
     losses: list[float] = []
