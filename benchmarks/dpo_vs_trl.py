@@ -2,7 +2,7 @@
 of both on the same model, pairs, order, learning rate, beta and batch.
 
     python benchmarks/dpo_vs_trl.py --check                          # 20 steps of each loss on a tiny Llama, float32
-    python benchmarks/dpo_vs_trl.py --config S [--repeats 3] [--steps 8] [--dtype bfloat16]     # speed; also M
+    python benchmarks/dpo_vs_trl.py --config S --trl [--repeats 3] [--steps 8] [--dtype bfloat16]   # speed; also M
 
 Both sides train from the same Llama (built from a config) on the same pairs in the same order (TRL reads a file
 written in the order rlhfkit's steps take the pairs, without shuffling), dropout off, AdamW at a constant learning
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--trl", action="store_true", help=f"also run TRL {TRL_VERSION} (in a throwaway venv)")
     parser.add_argument("--check", action="store_true", help="the loss and weight cross-check (tiny, 20 steps)")
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
     parser.add_argument("--out", default="runs/bench-dpo-vs-trl")
@@ -177,7 +178,7 @@ def main() -> None:
     out = Path(args.out)
     work = out / f"{args.config}-{args.dtype}"
     facts = build(work, CONFIGS[args.config], args.steps)
-    python = trl_python(out.resolve().parent, TRL_VERSION)
+    python = trl_python(out.resolve().parent, TRL_VERSION) if args.trl or args.check else None
     if args.check:
         results = check(work, args, python)
         print(f"TRL ran {', '.join(f'{k} {v}' for k, v in next(iter(results.values()))['versions'].items())}; tiny "
@@ -192,7 +193,7 @@ def main() -> None:
                   f"{r['weights_max_abs_diff']:.1e} |")
         (work / "check.json").write_text(json.dumps(results, indent=2))
         return
-    summary, rates = alternate(["rlhfkit", "trl"], args,
+    summary, rates = alternate(["rlhfkit"] + (["trl"] if args.trl else []), args,
                                lambda side, repeat: run_side(side, work, work / f"{side}-{repeat}.json", args, python),
                                summarise)
     cfg = CONFIGS[args.config]
@@ -208,8 +209,9 @@ def main() -> None:
         name = "rlhfkit" if side == "rlhfkit" else f"TRL {TRL_VERSION}"
         print(f"| {name} | {m['time_iteration']:.3f} | {cfg['batch'] / m['time_iteration']:.1f} | "
               f"{m['peak_rss_mb']:.0f} | {m['n']} |")
-    r, t = summary["rlhfkit"], summary["trl"]
-    print(f"\nspeed-up (TRL's s/step / rlhfkit's): {t['time_iteration'] / r['time_iteration']:.2f}x")
+    if "trl" in summary:
+        r, t = summary["rlhfkit"], summary["trl"]
+        print(f"\nspeed-up (TRL's s/step / rlhfkit's): {t['time_iteration'] / r['time_iteration']:.2f}x")
     (work / "summary.json").write_text(json.dumps({"config": args.config, "dtype": args.dtype, "facts": facts,
                                                    "summary": summary, "matmul_gflops": rates}, indent=2))
 

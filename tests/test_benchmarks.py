@@ -118,16 +118,34 @@ def test_grpo_benchmark_smoke_run(tmp_path):
     assert m["n"] == 1 and m["time_iteration"] > 0 and 0 < m["response_tokens"] <= 2 * 2 * 4
 
 
+def test_dpo_benchmark_smoke_run_reads_the_pairs_in_rlhfkits_order(tmp_path):
+    bench = BENCH.parent / "dpo_vs_trl.py"
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--steps", "2", "--repeats", "1",
+                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "| rlhfkit |" in done.stdout
+    work = out / "tiny-float32"
+    assert json.loads((work / "summary.json").read_text())["summary"]["rlhfkit"]["n"] == 1
+    # What TRL reads, in order, is what rlhfkit's two steps of 8 take.
+    from rlhfkit.data.batching import step_indices
+
+    pairs = (work / "pairs.jsonl").read_text().splitlines()
+    ordered = (work / "ordered.jsonl").read_text().splitlines()
+    assert ordered == [pairs[i] for step in (0, 1) for i in step_indices(len(pairs), 8, 0, step)]
+
+
 def test_gpu_check_runs_tiny_on_a_cpu(tmp_path):
     """The GPU script's --tiny mode: every stage, its table row, and FLOP shares that are numbers."""
     done = subprocess.run([sys.executable, str(BENCH.parent / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for stage in ("sft", "rm", "ppo", "grpo"):
+    for stage in ("sft", "rm", "ppo", "grpo", "dpo"):
         assert f"| {stage} |" in done.stdout, stage
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [s["stage"] for s in result["stages"]] == ["sft", "rm", "ppo", "grpo"] and result["rate"] > 0
+    assert [s["stage"] for s in result["stages"]] == ["sft", "rm", "ppo", "grpo", "dpo"] and result["rate"] > 0
     for stage in result["stages"]:
         assert stage["tokens_per_s"] > 0 and all(v > 0 for v in stage["phases"].values()), stage
     assert set(result["stages"][3]["phases"]) == {"generate", "score", "experience", "train"}
