@@ -15,7 +15,7 @@ from rlhfkit.data.readers import DataError
 USAGE = """usage: rlhfkit <command> [options]
 
 stages:
-  demo       the whole pipeline offline on a CPU (pretrain, SFT, RM, PPO + PTX) with a gold evaluation
+  demo       the whole pipeline offline on a CPU (pretrain, SFT, RM, PPO, GRPO, DPO) with a gold evaluation
   sft        supervised fine-tuning of a causal LM on demonstrations
   rm         train a reward model on preference pairs
   ppo        PPO with a reward model or functions, KL penalty, GAE and PTX
