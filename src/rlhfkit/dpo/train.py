@@ -147,6 +147,10 @@ def objective(run: Prepared) -> Objective:
                                   "a frozen copy of " + (config.ref or config.model) if separate else
                                   "the policy with its LoRA adapter disabled (no second copy)"))
 
+    def losses(logps: torch.Tensor, ref: torch.Tensor | None):  # (B, 4) as pair_logprobs, (B, 2) or None
+        ref_chosen, ref_rejected = ref.unbind(1) if ref is not None else (None, None)
+        return preference_loss(settings, logps[:, 0], logps[:, 1], ref_chosen, ref_rejected, logps[:, 2], logps[:, 3])
+
     def collate(indices: list[int]) -> dict:
         batch = collate_pairs([run.train_set[i] for i in indices], pad)
         batch["index"] = torch.tensor(indices)
@@ -160,18 +164,14 @@ def objective(run: Prepared) -> Objective:
             with torch.no_grad(), reference() as module:
                 ref = pair_logprobs(module, batch)[:, :2]
         logps = pair_logprobs(model, batch)
-        loss, chosen_reward, rejected_reward = preference_loss(
-            settings, logps[:, 0], logps[:, 1], *(ref.unbind(1) if ref is not None else (None, None)),
-            logps[:, 2], logps[:, 3])
+        loss, chosen_reward, rejected_reward = losses(logps, ref)
         return loss.sum(), pair_sums(loss, chosen_reward, rejected_reward, logps.detach())
 
     def evaluate() -> dict[str, float]:
         run.model.eval()
         logps = logprobs_of(run.model, run.eval_set, pad, config.micro, config.dtype, world)
         ref = (tables["eval"] if "eval" in tables else reference_of(run.eval_set)) if settings.uses_reference else None
-        loss, chosen_reward, rejected_reward = preference_loss(
-            settings, logps[:, 0], logps[:, 1], *(ref.unbind(1) if ref is not None else (None, None)),
-            logps[:, 2], logps[:, 3])
+        loss, chosen_reward, rejected_reward = losses(logps, ref)
         n = len(run.eval_set)
         sums = {"loss": loss.sum().item(), **pair_sums(loss, chosen_reward, rejected_reward, logps)}
         return {k: v / n for k, v in sums.items()}
