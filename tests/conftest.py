@@ -26,6 +26,16 @@ def corpus() -> list[str]:
     return lines
 
 
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch):
+    """`--dtype auto` picks bfloat16 on CPUs with bf16 instructions and float32 on the others; tests compare numbers
+    (fixtures, bitwise resume, 2 ranks vs 1) the same way on both kinds of machine, so in this process auto means
+    float32 unless a test says otherwise. Tests of auto itself patch `cpu_bf16_instructions` again."""
+    import rlhfkit.models
+
+    monkeypatch.setattr(rlhfkit.models, "cpu_bf16_instructions", lambda: ())
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")

@@ -87,11 +87,12 @@ def test_resolved_config_written_and_readable_back(paths):
     config_file = write_yaml(paths["dir"] / "run.yaml", {"batch_size": 4, "lr": 0.001, "eval_split": 0.25})
     config = parse_config(SFTConfig, ["--config", str(config_file), "--max-steps", "9"] + required(paths),
                           "rlhfkit sft")
-    out, resume_from, _ = start_run(config, "sft")
+    out, resume_from, _ = start_run(config, "sft", config.model)
     assert resume_from is None
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written == dataclasses.asdict(config)  # every field, resolved
     assert written["max_steps"] == 9 and written["batch_size"] == 4 and written["micro_batch_size"] == 0
+    assert written["dtype"] == "float32"  # auto, resolved (to float32 here: see conftest's float32_by_default)
     again = parse_config(SFTConfig, ["--config", str(out / "config.yaml")], "rlhfkit sft")
     assert again == config
 
@@ -207,3 +208,26 @@ def test_top_level_usage_and_unknown_command(capsys):
     assert "eval-rm" in capsys.readouterr().out
     code, _, err = run_cli(capsys, ["stf"])
     assert code == 2 and "unknown command 'stf' (did you mean sft?)" in err
+
+
+def test_dtype_auto_follows_the_hardware_and_the_model_width(monkeypatch, tmp_path, caplog):
+    import logging
+
+    import rlhfkit.models as models
+
+    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ("amx_bf16", "avx512_bf16"))
+    models._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="rlhfkit"):
+        assert models.resolve_dtype("auto", "cpu", 256) == "bfloat16"
+        assert models.resolve_dtype("auto", "cpu", 128) == "float32"  # too narrow to gain from bf16
+    assert "dtype auto: bfloat16 (this CPU has amx_bf16 and avx512_bf16)" in caplog.messages
+    assert ("dtype auto: float32 (this CPU has amx_bf16 and avx512_bf16, but at hidden size 128 (< 256) bf16 autocast "
+            "measured slower than float32)") in caplog.messages
+    assert models.resolve_dtype("auto", "cpu", None) == "bfloat16"  # width unknown (a hub id): the capability decides
+    assert models.resolve_dtype("float32", "cpu", 4096) == "float32"
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 768}')
+    assert models.hidden_size(str(tmp_path)) == 768 and models.resolve_dtype("auto", "cpu", str(tmp_path)) == "bfloat16"
+    assert models.hidden_size("org/name") is None and models.hidden_size(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ())
+    assert models.resolve_dtype("auto", "cpu", 4096) == "float32"
+    assert models.resolve_dtype("bfloat16", "cpu", 32) == "bfloat16"  # asked for by name: given, with a warning

@@ -129,6 +129,19 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 0 <= summary["rm_accuracy"] <= 1
     assert all(math.isfinite(v) and v > 0 for v in summary["corpus_loss"].values())
     assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo", "evaluate"}
+    assert summary["dtype"] == "float32" and summary["threads"] >= 1  # auto on a CPU without bf16 (conftest)
+    names = ["base", "sft", "ppo", "grpo", "grpo_gold", "dpo"]
+    assert list(summary["response_tokens"]) == list(summary["eos_rate"]) == list(summary["gold"]) == names
+    # The over-optimisation picture: every RL run from SFT (KL 0) through its snapshots; DPO one point.
+    lines = summary["trajectories"]
+    assert {name: [p["iteration"] for p in points] for name, points in lines.items()} == {
+        "ppo": [0, 1, 2, 3], "grpo": [0, 1, 2], "grpo_gold": [0, 1, 2], "dpo": [-1]}
+    assert lines["ppo"][0] == lines["grpo"][0] == lines["grpo_gold"][0]  # the same SFT point on the same prompts
+    assert lines["ppo"][0]["kl"] == 0.0
+    for points in lines.values():
+        for p in points:
+            assert p["sqrt_kl"] == math.sqrt(max(p["kl"], 0.0)) and math.isfinite(p["gold"] + p["rm_score"])
+    assert sorted(f.name for f in (out / "ppo" / "snapshots").iterdir()) == [f"step-0000000{i}" for i in (1, 2, 3)]
     for stage in ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo"):  # the same runs a user makes, configs beside the results
         assert (out / stage / "config.yaml").is_file() and (out / stage / "final" / "config.json").is_file()
     assert "monitor" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -152,10 +165,25 @@ def test_demo_quick_end_to_end(tmp_path):
     assert kl_to_sft(out / "sft" / "final", out / "sft" / "final", prompts, grpo_rows) == 0.0
     assert kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows) == summary["kl_to_sft"]["grpo"]
     page = (out / "report" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 9  # dpo_rewards.png too
-    assert f"{summary['gold']['ppo']['mean']:.3f}" in page
+    assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 10
+    ppo = summary["gold"]["ppo"]
+    assert f"<td>ppo</td><td>{ppo['mean']:.2f} ± {ppo['ci95']:.2f}</td>" in page  # the comparison table leads
 
     # The same seed gives the same numbers: only the wall times differ.
     assert main(["demo", "--quick", "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert {k: v for k, v in again.items() if k != "timings_s"} == {k: v for k, v in summary.items() if k != "timings_s"}
+
+
+def test_demo_runs_a_subset_of_algorithms(tmp_path):
+    """`--algorithms dpo`: base, SFT and the reward model (the evaluation's judge of RM scores), then DPO only."""
+    from rlhfkit.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--algorithms", "dpo", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["gold"]) == ["base", "sft", "dpo"] and list(summary["win_rate"]) == ["sft_vs_base", "dpo_vs_sft"]
+    assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "dpo", "evaluate"}
+    assert list(summary["trajectories"]) == ["dpo"] and not (out / "ppo").exists()
+    page = (out / "report" / "index.html").read_text()
+    assert page.count('<span class="pass">pass</span>') + page.count('<span class="fail">FAIL</span>') == 3

@@ -98,6 +98,9 @@ def test_non_finite_numbers_in_yaml_and_other_commands(paths, capsys, no_model_l
     one_line_error(capsys, ["chat", "--model", str(paths["model"]), "--temperature", "nan"],
                    "temperature: must be a finite number, got nan")
     one_line_error(capsys, ["demo", "--seed", str(2**64)], "seed: must be in [0, 4294967295]")
+    one_line_error(capsys, ["demo", "--algorithms", "ppo,sac"], "algorithms: unknown sac; choose from ppo, grpo")
+    one_line_error(capsys, ["demo", "--algorithms", "dpo,dpo"], "algorithms: each name once")
+    one_line_error(capsys, ["demo", "--dtype", "float16"], "dtype")
 
 
 @pytest.mark.parametrize("weight", ["nan", "inf"])

@@ -14,7 +14,7 @@ from rlhfkit.demo.report import THRESHOLDS, acceptance, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = {"ppo_actor_loss.png", "ppo_critic_loss.png", "ppo_reward.png", "ppo_gold_proxy_kl.png", "sft_loss.png",
-         "rm_loss.png", "rm_accuracy.png", "timings.png"}
+         "rm_loss.png", "rm_accuracy.png", "timings.png", "overoptimisation.png"}
 NASTY = '<script>alert(1)</script> & "q"'
 
 # Passes every criterion, each with a small margin, so that one change below makes exactly one criterion fail.
@@ -24,8 +24,15 @@ PASSING = {
              "ppo": {"mean": -1.5, "ci95": 0.125}},
     "win_rate": {"sft_vs_base": 0.7, "ppo_vs_sft": 0.66, "grpo_vs_sft": 0.66, "dpo_vs_sft": 0.61},
     "rm_accuracy": 0.86,
-    "corpus_loss": {"sft": 2.0, "ppo": 2.18},  # 1.09x
+    "corpus_loss": {"sft": 2.0, "ppo": 2.18, "grpo": 2.1},  # 1.09x, 1.05x
+    "kl_to_sft": {"ppo": 1.25},
+    "rm_score": {"base": -3.0, "sft": -1.0, "ppo": 0.5},
+    "response_tokens": {"base": 48.0, "sft": 5.0, "ppo": 4.0},
+    "eos_rate": {"base": 0.0, "sft": 1.0, "ppo": 1.0},
     "eval_prompts": 24,
+    "trajectories": {"ppo": [{"iteration": 0, "kl": 0.0, "sqrt_kl": 0.0, "gold": -2.0, "rm_score": -1.0},
+                             {"iteration": 5, "kl": 1.0, "sqrt_kl": 1.0, "gold": -1.5, "rm_score": 0.5}],
+                     "dpo": [{"iteration": -1, "kl": 0.25, "sqrt_kl": 0.5, "gold": -1.8, "rm_score": 0.0}]},
     "timings_s": {"data": 1.5, "pretrain": 60.0, "sft": 50.0, "rm": 80.0, "ppo": 110.0, "evaluate": 15.0},
     "examples": [],
 }
@@ -48,12 +55,26 @@ def all_pass_but(key: str | None) -> dict[str, bool]:
                                   "win_dpo_vs_sft", "gold_ppo_over_sft", "corpus_loss")}
 
 
+def passed(summary: dict) -> dict[str, bool]:
+    return {k: ok for k, (ok, _) in acceptance(summary).items()}
+
+
 def test_acceptance_passing_summary():
-    assert acceptance(PASSING) == all_pass_but(None)
+    assert passed(PASSING) == all_pass_but(None)
     # The boundaries are inclusive where the brief says ">=" / "within".
-    assert acceptance(changed(rm_accuracy=THRESHOLDS["rm_accuracy"])) == all_pass_but(None)
-    assert acceptance(changed(**{"win_rate.ppo_vs_sft": 0.65})) == all_pass_but(None)
-    assert acceptance(changed(**{"win_rate.dpo_vs_sft": 0.60})) == all_pass_but(None)
+    assert passed(changed(rm_accuracy=THRESHOLDS["rm_accuracy"])) == all_pass_but(None)
+    assert passed(changed(**{"win_rate.ppo_vs_sft": 0.65})) == all_pass_but(None)
+    assert passed(changed(**{"win_rate.dpo_vs_sft": 0.60})) == all_pass_but(None)
+    # The measured side, as the page shows it: the worst PTX run's corpus-loss ratio.
+    assert acceptance(PASSING)["corpus_loss"] == (True, "1.090 x")
+    assert acceptance(PASSING)["gold_ppo_over_sft"] == (True, "0.750 vs 0.200")
+
+
+def test_acceptance_of_a_subset_of_algorithms():
+    """`--algorithms dpo`: no PPO or GRPO criteria, and no PTX run to check."""
+    summary = changed(**{"win_rate": {"sft_vs_base": 0.7, "dpo_vs_sft": 0.61}, "corpus_loss": {"sft": 2.0, "dpo": 3.0}})
+    del summary["gold"]["ppo"]
+    assert passed(summary) == {"rm_accuracy": True, "win_sft_vs_base": True, "win_dpo_vs_sft": True}
 
 
 @pytest.mark.parametrize("paths, failing", [
@@ -68,9 +89,10 @@ def test_acceptance_passing_summary():
     ({"gold.ppo.ci95": 0.8}, "gold_ppo_over_sft"),
     ({"gold.ppo.mean": -3.0}, "gold_ppo_over_sft"),  # PPO worse than SFT
     ({"corpus_loss.ppo": 2.22}, "corpus_loss"),  # 1.11x
+    ({"corpus_loss.grpo": 2.21}, "corpus_loss"),  # GRPO has PTX too
 ])
 def test_acceptance_fails_each_criterion(paths, failing):
-    assert acceptance(changed(**paths)) == all_pass_but(failing)
+    assert passed(changed(**paths)) == all_pass_but(failing)
 
 
 # ---------------------------------------------------------------------------------------------------- the page
@@ -143,9 +165,15 @@ def test_every_plot_is_written_and_embedded(report):
 
 def test_page_shows_numbers_tables_and_acceptance(report):
     page = report.read_text(encoding="utf-8")
-    for text in ("seed 7", "-4.000 ± 0.250", "-2.250 ± 0.200", "-1.500 ± 0.125", "0.700", "0.660", "0.860",
-                 "2.000 → 2.180 (+9.0%)", "316.5 s (5 min 16 s)"):
+    for text in ("7, ?, ?", "0.860", "2.000 → 2.180 (+9.0%)", "2.000 → 2.100 (+5.0%)", "316.5 s (5 min 16 s)"):
         assert text in page, text
+    # The page leads with the comparison: a row per model, as `comparison` formats it.
+    lead = page[page.index("<h2>Comparison on held-out prompts</h2>"):page.index("<h2>Acceptance</h2>")]
+    for row in (["base", "-4.00 ± 0.25", "", "", "-3.00", "48.0", "0.00", "", "60"],
+                ["sft", "-2.25 ± 0.20", "0.700 over base", "", "-1.00", "5.0", "1.00", "2.000", "50"],
+                ["ppo", "-1.50 ± 0.12", "0.660 over sft", "1.25", "0.50", "4.0", "1.00", "2.180", "110"]):
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" in lead, row
+    assert 'alt="overoptimisation.png"' in lead
     assert page.count('<span class="pass">pass</span>') == 7 and "FAIL" not in page
     # First 12 of 15 pairs / 14 prompts only.
     assert "prompt 11 &lt;b&gt;" in page and "prompt 12 &lt;b&gt;" not in page

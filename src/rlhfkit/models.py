@@ -385,23 +385,77 @@ def default_device() -> torch.device:
 def autocast(dtype: str, device: torch.device | str = "cpu"):
     """bf16 mixed precision when asked (fp32 master weights); a no-op context for float32."""
     device_type = torch.device(device).type
-    if dtype == "bfloat16" and device_type == "cpu":
-        _warn_if_cpu_lacks_bf16()
+    if dtype == "bfloat16" and device_type == "cpu" and not cpu_bf16_instructions():
+        _warn_emulated_bf16()
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-@functools.lru_cache(maxsize=1)
-def _warn_if_cpu_lacks_bf16() -> None:
-    """bf16 matrix products are emulated on CPUs without AVX512-BF16 or AMX: measured 5-80x slower than float32 on an
-    AVX2-only machine. Say so once instead of letting a run crawl."""
+DTYPES = ("auto", "float32", "bfloat16")
+# Below this hidden size bf16 autocast loses on a CPU even with bf16 instructions: its casts and the elementwise work
+# outweigh the faster matrix products (measured, see README "bf16 on CPUs").
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def resolve_dtype(dtype: str, device: torch.device | str, model: str | int | None = None) -> str:
+    """The compute dtype a run uses. `auto` is bfloat16 where the hardware multiplies bf16 matrices natively (CUDA
+    devices that support it; CPUs with AVX512-BF16 or AMX, for models at least CPU_BF16_MIN_HIDDEN wide) and float32
+    elsewhere (an AVX2-only CPU emulates bf16 about 27x slower than float32). `model`: its folder or its hidden size,
+    when known. Says which and why, once."""
+    if dtype != "auto":
+        return dtype
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        why = f"{torch.cuda.get_device_name(device)} {'supports' if native else 'lacks'} bf16"
+    else:
+        found = cpu_bf16_instructions()
+        hidden = model if isinstance(model, int) else hidden_size(model)
+        native = bool(found) and (hidden is None or hidden >= CPU_BF16_MIN_HIDDEN)
+        why = ("this CPU has no bf16 matrix instructions (avx512_bf16 / amx_bf16), so bf16 would be emulated"
+               if not found else f"this CPU has {' and '.join(found)}" if native else
+               f"this CPU has {' and '.join(found)}, but at hidden size {hidden} (< {CPU_BF16_MIN_HIDDEN}) bf16 "
+               "autocast measured slower than float32")
+    resolved = "bfloat16" if native else "float32"
+    _log_once(f"dtype auto: {resolved} ({why})")
+    return resolved
+
+
+def hidden_size(path: str | None) -> int | None:
+    """The hidden size in a local model folder's config.json (None for a hub id or a config without one)."""
+    file = Path(path or "") / "config.json"
+    if not path or not file.is_file():
+        return None
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_instructions() -> tuple[str, ...]:
+    """Which native bf16 matrix instructions this CPU has, from /proc/cpuinfo (empty where it cannot be read: other
+    systems get float32, the safe choice)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        logging.getLogger("rlhfkit").warning(
-            "warning: this CPU has no native bf16 matrix instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 "
-            "will be much slower than float32 here")
+        return ()
+    return tuple(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logging.getLogger("rlhfkit").info(message)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:
+    logging.getLogger("rlhfkit").warning(
+        "warning: this CPU has no native bf16 matrix instructions (avx512_bf16 / amx_bf16): --dtype bfloat16 "
+        "will be much slower than float32 here; --dtype auto picks float32")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

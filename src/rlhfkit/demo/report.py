@@ -28,19 +28,25 @@ STAGES = ("pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo")
 TABLE_ROWS = 12
 
 
-def acceptance(summary: dict) -> dict[str, bool]:
-    """Pass or fail of each acceptance criterion (keys as in `criteria_text`)."""
+PTX_BRANCHES = ("ppo", "grpo", "grpo_gold")  # the runs with a PTX term, whose corpus loss must hold
+
+
+def acceptance(summary: dict) -> dict[str, tuple[bool, str]]:
+    """Each acceptance criterion that applies to the algorithms this run trained (keys as in `criteria_text`):
+    (passed, the measured side as text, so a near miss reads as one)."""
     t, gold, wins, loss = THRESHOLDS, summary["gold"], summary["win_rate"], summary["corpus_loss"]
-    gain = gold["ppo"]["mean"] - gold["sft"]["mean"]
-    return {
-        "rm_accuracy": summary["rm_accuracy"] >= t["rm_accuracy"],
-        "win_sft_vs_base": wins["sft_vs_base"] >= t["win_sft_vs_base"],
-        "win_ppo_vs_sft": wins["ppo_vs_sft"] >= t["win_ppo_vs_sft"],
-        **{f"win_{name}_vs_sft": wins[f"{name}_vs_sft"] >= t[f"win_{name}_vs_sft"] for name in ("grpo", "dpo")
-           if f"{name}_vs_sft" in wins},
-        "gold_ppo_over_sft": gain > t["gold_ci_multiple"] * max(gold["sft"]["ci95"], gold["ppo"]["ci95"]),
-        "corpus_loss": loss["ppo"] <= t["corpus_loss_ratio"] * loss["sft"],
-    }
+    checks = {"rm_accuracy": (summary["rm_accuracy"] >= t["rm_accuracy"], f"{summary['rm_accuracy']:.3f}")}
+    for name in ("sft_vs_base", "ppo_vs_sft", "grpo_vs_sft", "dpo_vs_sft"):
+        if name in wins:
+            checks[f"win_{name}"] = (wins[name] >= t[f"win_{name}"], f"{wins[name]:.3f}")
+    if "ppo" in gold:
+        gain, noise = gold["ppo"]["mean"] - gold["sft"]["mean"], max(gold["sft"]["ci95"], gold["ppo"]["ci95"])
+        checks["gold_ppo_over_sft"] = (gain > t["gold_ci_multiple"] * noise, f"{gain:.3f} vs {noise:.3f}")
+    ptx = [name for name in PTX_BRANCHES if name in loss]
+    if ptx:
+        worst = max(loss[name] / loss["sft"] for name in ptx)
+        checks["corpus_loss"] = (worst <= t["corpus_loss_ratio"], f"{worst:.3f} x")
+    return checks
 
 
 def criteria_text() -> dict[str, str]:
@@ -52,8 +58,38 @@ def criteria_text() -> dict[str, str]:
         "win_grpo_vs_sft": f"win rate GRPO (reward model) over SFT >= {t['win_grpo_vs_sft']}",
         "win_dpo_vs_sft": f"win rate DPO over SFT >= {t['win_dpo_vs_sft']}",
         "gold_ppo_over_sft": f"PPO gold mean - SFT gold mean > {t['gold_ci_multiple']:g} x max(ci95 SFT, ci95 PPO)",
-        "corpus_loss": f"PPO corpus loss <= {t['corpus_loss_ratio']} x SFT corpus loss",
+        "corpus_loss": f"corpus loss of every run with PTX (PPO, GRPO) <= {t['corpus_loss_ratio']} x SFT's",
     }
+
+
+COMPARISON_NOTE = ("<p>gold: the task's true score of one answer per held-out prompt (sampled at temperature 1), mean "
+                   "± 95% CI; win rate: paired per prompt, a tie counting half; KL to SFT: nats per answer, on the "
+                   "model's own answers; tokens: answer length; train s: the stage's wall time.</p>")
+OVEROPTIMISATION_PLOT = "overoptimisation.png"
+RL_LINES = {"ppo": "PPO", "grpo": "GRPO (reward model)", "grpo_gold": "GRPO (gold reward)"}
+COMPARISON_HEADER = ["model", "gold (95% CI)", "win rate", "KL to SFT", "RM score", "tokens", "EOS rate",
+                     "corpus loss", "train s"]
+
+
+def comparison(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The demo's one table, a row per model: gold mean with its 95% CI, win rate over SFT (SFT's over base), KL to
+    SFT (nats per answer), reward-model score, answer length in tokens, share of answers ending with EOS, corpus loss,
+    seconds of training. Plain text cells, for the terminal and the page alike."""
+    wins = {name.split("_vs_")[0]: (rate, name.split("_vs_")[1]) for name, rate in summary["win_rate"].items()}
+    timings = summary.get("timings_s") or {}
+
+    def cell(key: str, name: str, fmt: str) -> str:
+        value = (summary.get(key) or {}).get(name)
+        return format(value, fmt) if value is not None else ""
+
+    rows = []
+    for name, g in summary["gold"].items():
+        win = f"{wins[name][0]:.3f} over {wins[name][1]}" if name in wins else ""
+        seconds = timings.get("pretrain" if name == "base" else name)
+        rows.append([name, f"{g['mean']:.2f} ± {g['ci95']:.2f}", win, cell("kl_to_sft", name, ".2f"),
+                     cell("rm_score", name, ".2f"), cell("response_tokens", name, ".1f"), cell("eos_rate", name, ".2f"),
+                     cell("corpus_loss", name, ".3f"), f"{seconds:.0f}" if seconds is not None else ""])
+    return COMPARISON_HEADER, rows
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -77,7 +113,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-def make_plots(out: Path, timings: dict[str, float]) -> dict[str, object]:
+def make_plots(out: Path, summary: dict) -> dict[str, object]:
     """The report's figures by file name; a figure whose data is absent is left out."""
     # Figure objects, not pyplot: no global figure registry to leak or close, no GUI backend, safe in any process.
     # matplotlib is imported here because only the report needs it.
@@ -93,6 +129,25 @@ def make_plots(out: Path, timings: dict[str, float]) -> dict[str, object]:
     metrics = {stage: read_jsonl(out / stage / "metrics.jsonl") for stage in STAGES}
     ppo, rm = metrics["ppo"], metrics["rm"]
     figs = {}
+    timings = summary.get("timings_s") or {}
+
+    lines = summary.get("trajectories") or {}
+    if lines:
+        # Gao et al. 2022 (their figure 1): scores against sqrt(KL) from the starting policy. The reward model's score
+        # rising while the gold score flattens or falls is over-optimisation of the proxy.
+        fig = Figure(figsize=(11, 4), dpi=100, layout="tight")
+        for i, (key, label) in enumerate((("gold", "gold score"), ("rm_score", "reward-model score"))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for name, points in lines.items():
+                xs, ys = [p["sqrt_kl"] for p in points], [p[key] for p in points]
+                if name in RL_LINES:
+                    ax.plot(xs, ys, "o-", label=RL_LINES[name], markersize=3)
+                else:
+                    ax.plot(xs, ys, "*", markersize=12, label=f"{name.upper()} (final)")
+            ax.set(title=f"{label} vs KL to SFT (held-out prompts)", xlabel="sqrt(KL to SFT, nats)", ylabel=label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        figs[OVEROPTIMISATION_PLOT] = fig
 
     for name, key, title in (("ppo_actor_loss.png", "policy_loss", "PPO actor (policy) loss"),
                              ("ppo_critic_loss.png", "value_loss", "PPO critic (value) loss")):
@@ -187,15 +242,17 @@ def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
-def headline(summary: dict) -> str:
-    gold, wins, loss = summary["gold"], summary["win_rate"], summary["corpus_loss"]
-    rows = [[f"gold score {esc(name)}", f"{num(g['mean'])} ± {num(g['ci95'])}"] for name, g in gold.items()]
-    rows += [[f"win rate {esc(k.replace('_vs_', ' over '))}", num(v)] for k, v in wins.items()]
-    rows += [[f"KL to SFT {esc(name)} (per response)", num(kl)] for name, kl in summary.get("kl_to_sft", {}).items()]
-    rows.append(["reward model accuracy", num(summary["rm_accuracy"])])
-    rows += [[f"corpus loss {esc(name)}", num(value)] for name, value in loss.items() if name not in ("sft", "ppo")]
-    change = 100 * (loss["ppo"] - loss["sft"]) / loss["sft"]
-    rows.append(["corpus loss SFT → PPO", f"{num(loss['sft'])} → {num(loss['ppo'])} ({change:+.1f}%)"])
+def overview(summary: dict) -> str:
+    """What the comparison table does not show: the run's settings, the reward model's accuracy, PTX's effect and the
+    wall time."""
+    loss = summary["corpus_loss"]
+    rows = [["seed, dtype, threads", esc(f"{summary.get('seed', '?')}, {summary.get('dtype', '?')}, "
+                                         f"{summary.get('threads', '?')}")],
+            ["reward model accuracy (held-out pairs)", num(summary["rm_accuracy"])]]
+    for name in PTX_BRANCHES:
+        if name in loss:
+            change = 100 * (loss[name] - loss["sft"]) / loss["sft"]
+            rows.append([f"corpus loss SFT → {esc(name)}", f"{num(loss['sft'])} → {num(loss[name])} ({change:+.1f}%)"])
     if "eval_prompts" in summary:
         rows.append(["held-out prompts", esc(summary["eval_prompts"])])
     timings = summary.get("timings_s") or {}
@@ -203,29 +260,22 @@ def headline(summary: dict) -> str:
         total = sum(timings.values())
         rows.append(["total wall time", f"{total:.1f} s ({int(total // 60)} min {total % 60:.0f} s)"])
     # Keys added to summary.json later still show up, as long as they are plain numbers.
-    known = {"seed", "gold", "win_rate", "kl_to_sft", "rm_accuracy", "corpus_loss", "eval_prompts", "timings_s"}
+    known = {"seed", "threads", "rm_accuracy", "eval_prompts"}
     rows += [[esc(k), num(v)] for k, v in summary.items()
              if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return table(["measure", "value"], rows)
 
 
 def acceptance_table(summary: dict) -> str:
-    gold, loss = summary["gold"], summary["corpus_loss"]
-    # The measured side of each criterion, so a near miss reads as one.
-    measured = {
-        "rm_accuracy": num(summary["rm_accuracy"]),
-        "win_sft_vs_base": num(summary["win_rate"]["sft_vs_base"]),
-        "win_ppo_vs_sft": num(summary["win_rate"]["ppo_vs_sft"]),
-        "win_grpo_vs_sft": num(summary["win_rate"].get("grpo_vs_sft", float("nan"))),
-        "win_dpo_vs_sft": num(summary["win_rate"].get("dpo_vs_sft", float("nan"))),
-        "gold_ppo_over_sft": f"{num(gold['ppo']['mean'] - gold['sft']['mean'])} vs "
-                             f"{num(max(gold['sft']['ci95'], gold['ppo']['ci95']))}",
-        "corpus_loss": f"{num(loss['ppo'] / loss['sft'])} x",
-    }
     text = criteria_text()
-    rows = [[esc(text[k]), measured[k], '<span class="pass">pass</span>' if ok else '<span class="fail">FAIL</span>']
-            for k, ok in acceptance(summary).items()]
+    rows = [[esc(text[k]), esc(measured), '<span class="pass">pass</span>' if ok else '<span class="fail">FAIL</span>']
+            for k, (ok, measured) in acceptance(summary).items()]
     return table(["criterion", "measured", "result"], rows)
+
+
+def comparison_table(summary: dict) -> str:
+    header, rows = comparison(summary)
+    return table(header, [[esc(c) for c in row] for row in rows]) + COMPARISON_NOTE
 
 
 def rm_eval_section(data: dict | None) -> str:
@@ -292,15 +342,16 @@ def write_report(out: Path) -> Path:
         raise FileNotFoundError(f"{out / 'summary.json'} not found: is {out} a finished demo run?")
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    images = []
-    for name, fig in make_plots(out, summary.get("timings_s") or {}).items():
+    images = {}
+    for name, fig in make_plots(out, summary).items():
         data = png_bytes(fig)
         (report / name).write_bytes(data)
-        images.append(image(name, data))
+        images[name] = image(name, data)
+    lead = images.pop(OVEROPTIMISATION_PLOT, note("No trajectories in summary.json: over-optimisation plot not shown."))
     sections = [
-        ("Summary", f"<p>seed {esc(summary.get('seed', '?'))}</p>" + headline(summary)),
+        ("Comparison on held-out prompts", comparison_table(summary) + lead + overview(summary)),
         ("Acceptance", acceptance_table(summary)),
-        ("Training curves", "".join(images) or note("No metrics found.")),
+        ("Training curves", "".join(images.values()) or note("No metrics found.")),
         ("Reward model on held-out pairs", rm_eval_section(read_json(out / "eval" / "eval_rm.json"))),
         ("Base vs SFT vs the tuned models on held-out prompts", compare_section(read_json(out / "eval" / "compare.json"))),
         ("Stage timings", timings_section(summary)),

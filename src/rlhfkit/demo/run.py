@@ -5,7 +5,8 @@ The demo is a configuration, not a second implementation: each stage is the same
 tokenizer, 1 pretrain a small Llama on the corpus (standing in for the model a user brings), 2 SFT, 3 reward model,
 4 PPO with PTX, 5 GRPO with PTX from the SFT model twice: on the reward model, and on the gold judge itself as a
 verifiable reward function, 6 DPO from the SFT model on the reward model's preference pairs, 7 gold evaluation of
-base, SFT and every branch on held-out prompts, summary.json.
+base, SFT and every branch on held-out prompts, and of the RL runs' snapshots along training (the over-optimisation
+picture), summary.json and the report.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import make_config, option, require_seed
+from rlhfkit.config import make_config, option, require, require_seed
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
-from rlhfkit.demo.report import write_report
+from rlhfkit.demo.report import comparison, write_report
 from rlhfkit.demo.task import Facts, gold_score, make_task
 from rlhfkit.dpo.train import DPOConfig, run_dpo
 from rlhfkit.grpo.config import GRPOConfig
 from rlhfkit.grpo.train import run_grpo
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import DTYPES, default_device, load_causal_lm, load_tokenizer, resolve_dtype
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
 from rlhfkit.rm.train import RMConfig, run_rm
@@ -36,27 +37,47 @@ from rlhfkit.training.common import log, setup_logging
 from rlhfkit.training.lm_loss import evaluate
 
 
+BRANCHES = ("ppo", "grpo", "grpo_gold", "dpo")  # the models tuned from the SFT model
+RL_BRANCHES = ("ppo", "grpo", "grpo_gold")  # those with snapshots along training
+
+
 @dataclass
 class DemoConfig:
     output: str = option("runs/demo", "folder for the data, every stage's run and the report")
     seed: int = option(0, "seed of the task (facts, data) and of every stage")
     quick: bool = option(False, "a much smaller run (the test suite's): same stages, far fewer steps")
+    algorithms: list[str] = option(list(BRANCHES), "the models tuned from SFT and compared: ppo, grpo (the reward "
+                                                   "model as reward), grpo_gold (the gold judge as a verifiable "
+                                                   "reward function), dpo; e.g. --algorithms ppo,dpo")
+    dtype: str = option("auto", "compute dtype of every stage (the evaluation is float32): auto picks bfloat16 where "
+                                "the CPU or GPU multiplies bf16 natively and the model is wide enough to gain",
+                        choices=DTYPES)
+    threads: int = option(0, "CPU threads torch uses (0 = its default, one per core); a seed's numbers repeat "
+                             "exactly for the same threads and dtype on one machine")
 
     def check(self) -> None:
         require_seed(self.seed)
+        unknown = [name for name in self.algorithms if name not in BRANCHES]
+        require(not unknown, f"algorithms: unknown {', '.join(unknown)}; choose from {', '.join(BRANCHES)}")
+        require(bool(self.algorithms), f"algorithms: give one or more of {', '.join(BRANCHES)}")
+        require(len(set(self.algorithms)) == len(self.algorithms), "algorithms: each name once")
+        require(self.threads >= 0, f"threads: must be >= 0, got {self.threads}")
 
 
 # Stage settings. Full: about the 10-minute budget on 2 CPU cores; quick: well under a minute of training.
 MODEL = {"full": dict(hidden=128, layers=4, heads=4, ffn=512), "quick": dict(hidden=32, layers=2, heads=4, ffn=64)}
-STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=40, dpo=125, eval_prompts=240),
-         "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, grpo=2, dpo=3, eval_prompts=24)}
-BRANCHES = ("ppo", "grpo", "grpo_gold", "dpo")  # the models tuned from the SFT model
+# snapshots: the RL runs write their policy this many times along training, for the over-optimisation picture;
+# trajectory_prompts: the held-out prompts those snapshots are evaluated on (the first ones, the same for all).
+STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=40, dpo=125, eval_prompts=240, snapshots=7,
+                      trajectory_prompts=48),
+         "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, grpo=2, dpo=3, eval_prompts=24, snapshots=2,
+                       trajectory_prompts=8)}
 
 
-def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dict[str, dict]:
+def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype: str = "float32") -> dict[str, dict]:
     steps = STEPS[size]
     # A demo run rebuilds everything from its seed, so running it again into the same folder replaces the last one.
-    common = dict(seed=seed, save_every=0, log_every=1, overwrite=True)
+    common = dict(seed=seed, save_every=0, log_every=1, overwrite=True, dtype=dtype)
     stages = {
         "pretrain": dict(common, model=str(out / "init"), data=[str(data["corpus"])], output=str(out / "pretrain"),
                          loss_on="all", max_steps=steps["pretrain"], batch_size=32, lr=3e-3, warmup_steps=20,
@@ -71,7 +92,8 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dic
                     prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                     monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
                     batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=1e-4, critic_lr=1e-4,
-                    kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
+                    kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
+                    snapshot_every=max(1, steps["ppo"] // steps["snapshots"])),
         # 8 prompts x 8 samples per iteration, two optimizer steps each (one step per iteration won 0.650-0.654
         # over SFT on seeds 0 and 1, two won 0.69-0.72). At lr 2e-4 (or with Dr.GRPO's unscaled advantages) the reward
         # model was exploited within 40 iterations on seed 0: responses of 3-5 tokens that it scores high and the gold
@@ -80,7 +102,8 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dic
                      prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                      monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "grpo"), max_steps=steps["grpo"],
                      batch_size=8, num_generations=8, mini_batch_size=32, max_new_tokens=48, lr=1e-4, kl_coef=0.1,
-                     ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4),
+                     ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
+                     snapshot_every=max(1, steps["grpo"] // steps["snapshots"])),
     }
     stages["grpo_gold"] = dict(stages["grpo"], reward="", reward_fn=["rlhfkit.demo.task:gold_reward"], monitor_fn="",
                                output=str(out / "grpo_gold"))
@@ -98,8 +121,14 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str) -> dic
 def run_demo(config: DemoConfig) -> dict:
     """Run every stage and the evaluation; returns the summary also written to OUTPUT/summary.json."""
     setup_logging()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     out = Path(config.output)
     size = "quick" if config.quick else "full"
+    branches = [name for name in BRANCHES if name in config.algorithms]
+    dtype = resolve_dtype(config.dtype, default_device(), MODEL[size]["hidden"])
+    log.info(f"demo: seed {config.seed}, {torch.get_num_threads()} threads, {dtype}, tuned from SFT: "
+             f"{', '.join(branches)}")
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -119,16 +148,17 @@ def run_demo(config: DemoConfig) -> dict:
         return files
 
     files = timed("data", make_data)
-    stages = stage_configs(files, out, config.seed, size)
-    timed("pretrain", run_sft, make_config(SFTConfig, stages["pretrain"]))
-    timed("sft", run_sft, make_config(SFTConfig, stages["sft"]))
-    timed("rm", run_rm, make_config(RMConfig, stages["rm"]))
-    timed("ppo", run_ppo, make_config(PPOConfig, stages["ppo"]))
-    timed("grpo", run_grpo, make_config(GRPOConfig, stages["grpo"]))
-    timed("grpo_gold", run_grpo, make_config(GRPOConfig, stages["grpo_gold"]))
-    timed("dpo", run_dpo, make_config(DPOConfig, stages["dpo"]))
-    summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"])
-    summary = {"seed": config.seed, **summary, "timings_s": timings}
+    stages = stage_configs(files, out, config.seed, size, dtype)
+    runners = {"pretrain": (SFTConfig, run_sft), "sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
+               "ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "grpo_gold": (GRPOConfig, run_grpo),
+               "dpo": (DPOConfig, run_dpo)}
+    for name in ("pretrain", "sft", "rm", *branches):
+        config_class, run = runners[name]
+        timed(name, run, make_config(config_class, stages[name]))
+    summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"], branches,
+                    STEPS[size]["trajectory_prompts"])
+    summary = {"seed": config.seed, "dtype": dtype, "threads": torch.get_num_threads(), **summary,
+               "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out)
     _print_summary(summary, out, report)
@@ -136,40 +166,92 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int) -> dict:
+def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int, branches: list[str],
+                    trajectory_prompts: int) -> dict:
     """Gold scores of base, SFT and the tuned models' samples on the held-out prompts; win rates; KL to SFT; RM
-    accuracy; PTX check.
+    accuracy; PTX check; the RL runs' trajectories (`trajectories`).
     Writes eval/eval_rm.json and eval/compare.json (the tables of `rlhfkit eval-rm` and `rlhfkit compare`)."""
     from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
-    from rlhfkit.tools.compare import compare_models
 
     (out / "eval").mkdir(exist_ok=True)
-    rm_dir = str(out / "rm" / "final")
-    rm_metrics = run_eval_rm(EvalRMConfig(model=rm_dir, data=[str(files["eval_pairs"])], max_len=96, batch_size=64,
-                                          show=5, output=str(out / "eval" / "eval_rm.json")))
+    rm_dir = out / "rm" / "final"
+    rm_metrics = run_eval_rm(EvalRMConfig(model=str(rm_dir), data=[str(files["eval_pairs"])], max_len=96,
+                                          batch_size=64, show=5, dtype="float32",
+                                          output=str(out / "eval" / "eval_rm.json")))
     prompts = load_examples([str(files["eval_prompts"])], "prompt").examples
     models = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final",
-              **{name: out / name / "final" for name in BRANCHES}}
+              **{name: out / name / "final" for name in branches}}
+    rows = sample_and_judge(models, prompts, seed, max_new_tokens, rm_dir)
+    (out / "eval" / "compare.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
+                                                           "rows": rows}, indent=1, ensure_ascii=False))
+    responses = {name: [row["responses"][name] for row in rows] for name in models}
+    gold = {name: [r["gold"] for r in rs] for name, rs in responses.items()}
+    return {
+        "gold": {name: mean_ci(values) for name, values in gold.items()},
+        "rm_score": {name: mean([r["score"] for r in rs]) for name, rs in responses.items()},
+        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]),
+                     **{f"{name}_vs_sft": win_rate(gold[name], gold["sft"]) for name in branches}},
+        "kl_to_sft": {name: kl_to_sft(models[name], models["sft"], prompts, responses[name]) for name in branches},
+        "response_tokens": {name: mean([r["n_tokens"] for r in rs]) for name, rs in responses.items()},
+        "eos_rate": {name: mean([float(r["stopped"]) for r in rs]) for name, rs in responses.items()},
+        "rm_accuracy": rm_metrics["accuracy"],
+        "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ["sft", *branches]},
+        "eval_prompts": len(prompts),
+        "trajectories": trajectories(out, branches, prompts[:trajectory_prompts], seed, max_new_tokens, rm_dir),
+    }
+
+
+def sample_and_judge(models: dict[str, Path], prompts: list, seed: int, max_new_tokens: int, rm_dir: Path
+                     ) -> list[dict]:
+    """`rlhfkit compare`'s rows (one answer per prompt and model, sampled at temperature 1, with its reward-model
+    score), each answer also scored by the gold judge."""
+    from rlhfkit.tools.compare import compare_models
+
     rows = compare_models({name: str(path) for name, path in models.items()}, prompts, temperature=1.0, seed=seed,
-                          max_new_tokens=max_new_tokens, batch_size=48, reward_model=rm_dir)
+                          max_new_tokens=max_new_tokens, batch_size=48, reward_model=str(rm_dir))
     for p, row in zip(prompts, rows):
         facts = Facts(**{k: p.extra[k] for k in ("color", "place", "size")})
         for response in row["responses"].values():
             response["gold"] = gold_score(p.prompt[-1].content, response["text"], facts)
-    (out / "eval" / "compare.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
-                                                           "rows": rows}, indent=1, ensure_ascii=False))
-    gold = {name: [row["responses"][name]["gold"] for row in rows] for name in models}
-    return {
-        "gold": {name: mean_ci(values) for name, values in gold.items()},
-        "rm_score": {name: sum(row["responses"][name]["score"] for row in rows) / len(rows) for name in models},
-        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]),
-                     **{f"{name}_vs_sft": win_rate(gold[name], gold["sft"]) for name in BRANCHES}},
-        "kl_to_sft": {name: kl_to_sft(models[name], models["sft"], prompts, [row["responses"][name] for row in rows])
-                      for name in BRANCHES},
-        "rm_accuracy": rm_metrics["accuracy"],
-        "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ("sft",) + BRANCHES},
-        "eval_prompts": len(prompts),
-    }
+    return rows
+
+
+def trajectories(out: Path, branches: list[str], prompts: list, seed: int, max_new_tokens: int, rm_dir: Path
+                 ) -> dict[str, list[dict]]:
+    """Gao et al.'s over-optimisation picture: for each RL run, the gold and reward-model scores of its snapshots
+    (OUTPUT/NAME/snapshots) against their KL to SFT, on the same held-out prompts (with the same sampling seed, so
+    the points differ by the policy, not by the draw); SFT is every line's first point, at KL 0. DPO, trained
+    offline, is one point: its final model."""
+    sft = out / "sft" / "final"
+    models = {"sft": sft}
+    lines: dict[str, list[tuple[int, str]]] = {}  # name -> (iteration, key in models) along training
+    for name in [b for b in branches if b in RL_BRANCHES]:
+        lines[name] = [(0, "sft")]
+        for folder in sorted((out / name / "snapshots").glob("step-*")):
+            step = int(folder.name.removeprefix("step-"))
+            models[f"{name}@{step}"] = folder
+            lines[name].append((step, f"{name}@{step}"))
+    if "dpo" in branches:
+        models["dpo"] = out / "dpo" / "final"
+        lines["dpo"] = [(DPO_POINT, "dpo")]
+    rows = sample_and_judge(models, prompts, seed, max_new_tokens, rm_dir)
+    result = {}
+    for name, keys in lines.items():
+        result[name] = []
+        for step, key in keys:
+            answers = [row["responses"][key] for row in rows]
+            kl = 0.0 if key == "sft" else kl_to_sft(models[key], sft, prompts, answers)
+            result[name].append({"iteration": step, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+                                 "gold": mean([a["gold"] for a in answers]),
+                                 "rm_score": mean([a["score"] for a in answers])})
+    return result
+
+
+DPO_POINT = -1  # the "iteration" of DPO's one point: it has no iterations
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def mean_ci(values: list[float]) -> dict[str, float]:
@@ -227,19 +309,16 @@ def _print_summary(summary: dict, out: Path, report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="rlhfkit demo: held-out prompts")
-    for column in ("model", "gold score (95% CI)", "reward-model score", "gold win rate"):
+    header, rows = comparison(summary)
+    table = Table(title=f"rlhfkit demo: {summary['eval_prompts']} held-out prompts, seed {summary['seed']}, "
+                        f"{summary['dtype']}, {summary['threads']} threads")
+    for column in header:
         table.add_column(column)
-    table.add_column("KL to SFT")
-    table.add_column("corpus loss")
-    wins = {name.split("_vs_")[0]: (rate, name.split("_vs_")[1]) for name, rate in summary["win_rate"].items()}
-    for name, g in summary["gold"].items():
-        kl, loss = summary["kl_to_sft"].get(name), summary["corpus_loss"].get(name)
-        table.add_row(name, f"{g['mean']:.2f} +- {g['ci95']:.2f}", f"{summary['rm_score'][name]:.2f}",
-                      f"{wins[name][0]:.2f} vs {wins[name][1]}" if name in wins else "",
-                      f"{kl:.2f}" if kl is not None else "", f"{loss:.3f}" if loss is not None else "")
+    for row in rows:
+        table.add_row(*row)
     console = Console(markup=False)
-    console.print(table)
-    console.print(f"reward model accuracy {summary['rm_accuracy']:.3f}; stage seconds {summary['timings_s']}")
     console.print(f"summary: {out / 'summary.json'}")
     console.print(f"report: {report}")
+    console.print(f"reward model accuracy on held-out pairs {summary['rm_accuracy']:.3f}; stage seconds "
+                  f"{summary['timings_s']}")
+    console.print(table)

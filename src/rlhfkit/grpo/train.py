@@ -29,8 +29,8 @@ from rlhfkit.rl.scoring import FunctionScorer, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add, check_scores,
                               load_actor, load_data, load_reference, load_reward, load_reward_functions,
                               minibatch_order, place, ptx_backward, reference_logprobs, resume_run, rollout_settings,
-                              sample_and_score, sample_rows, save_final_actor, save_run, score_parts, train,
-                              update_settings, whole_batch)
+                              sample_and_score, sample_rows, save_final_actor, save_run, score_parts, snapshot_actor,
+                              train, update_settings, whole_batch)
 from rlhfkit.training.common import log, make_optimizer, make_scheduler, setup_logging, start_run
 from rlhfkit.training.distributed import World, gradient_sync, rank_share
 from rlhfkit.training.guards import check_finite
@@ -189,7 +189,7 @@ def run_grpo(config: GRPOConfig) -> Path:
     """Train and write OUTPUT/final (the actor, Hugging Face format)."""
     setup_logging()
     functions, monitor_fn = load_reward_functions(config)  # a broken function fails first
-    out, resume, world = start_run(config, "grpo")
+    out, resume, world = start_run(config, "grpo", config.actor)
     for field, size in (("batch_size", config.batch_size), ("mini_batch_size", config.mini_batch),
                         ("ptx_batch_size", (config.ptx_batch_size or config.mini_batch) if config.use_ptx else 0)):
         if size % world.size:
@@ -215,7 +215,8 @@ def run_grpo(config: GRPOConfig) -> Path:
     settings = GRPOSettings.of(config)
     train(config, "grpo", iterations, start,
           lambda i: grpo_iteration(i, settings, models, data, trained, tokenizer, world),
-          lambda step: save_run(out, step, trained, {}, config, "grpo", world), out, world)
+          lambda step: save_run(out, step, trained, {}, config, "grpo", world), out, world,
+          snapshot_actor(config, actor, tokenizer, out, world))
     final = save_final_actor(config, actor, tokenizer, out, world)
     log.info(f"final actor: {final}")
     return final

@@ -34,7 +34,8 @@ from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained
                               check_scores, fresh_actor, load_actor, load_data, load_reference, load_reward,
                               load_reward_functions, minibatch_order, model_kwargs, place, ptx_backward,
                               reference_logprobs, resume_run, rollout_settings, sample_and_score, sample_rows,
-                              save_final_actor, save_run, score_parts, train, update_settings, whole_batch)
+                              save_final_actor, save_run, score_parts, snapshot_actor, train, update_settings,
+                              whole_batch)
 from rlhfkit.training.common import (log, make_optimizer, make_scheduler, save_final, setup_logging, start_run,
                                      with_lora, write_model)
 from rlhfkit.training.distributed import World, full_tensor, gradient_sync, rank_share, unwrap, wrap_model
@@ -255,7 +256,7 @@ def run_ppo(config: PPOConfig) -> Path:
     """Train and write OUTPUT/final (the actor, Hugging Face format) and OUTPUT/final_critic."""
     setup_logging()
     functions, monitor_fn = load_reward_functions(config)  # a broken function fails first
-    out, resume, world = start_run(config, "ppo")
+    out, resume, world = start_run(config, "ppo", config.actor)
     for field, size in (("mini_batch_size", config.mini_batch),
                         ("ptx_batch_size", (config.ptx_batch_size or config.mini_batch) if config.use_ptx else 0)):
         if size % world.size:
@@ -285,7 +286,7 @@ def run_ppo(config: PPOConfig) -> Path:
 
     settings = PPOSettings.of(config)
     train(config, "ppo", iterations, start, lambda i: ppo_iteration(i, settings, models, data, state, tokenizer, world),
-          save, out, world)
+          save, out, world, snapshot_actor(config, models.actor, tokenizer, out, world))
 
     def fresh_critic():
         return TokenValues(with_lora(load_sequence_classifier(_critic_path(config, tokenizer), tokenizer,

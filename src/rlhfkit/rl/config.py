@@ -95,6 +95,8 @@ class RLConfig(CommonConfig):
     max_len: int = option(512, "longest PTX sequence in tokens (longer rows are cut at the end)", group="model")
     warmup_steps: int = option(0, "optimizer steps of linear learning-rate warmup", group="training")
     save_every: int = option(20, "write a checkpoint every N iterations (0 = never)", group="training")
+    snapshot_every: int = option(0, "also write the actor in Hugging Face format to OUTPUT/snapshots/step-N every N "
+                                    "iterations (0 = never), to evaluate the policy along training", group="training")
 
     def check(self) -> None:
         require(bool(self.actor), "actor: required (the SFT model to train)")
@@ -114,6 +116,7 @@ class RLConfig(CommonConfig):
                 check_model_path(getattr(self, field), field)
         check_data_specs(self.prompts, "prompts")
         check_data_specs(self.ptx_data, "ptx_data")
+        require(self.snapshot_every >= 0, f"snapshot_every: must be >= 0, got {self.snapshot_every}")
         require(self.max_prompt_len >= 1, f"max_prompt_len: must be >= 1, got {self.max_prompt_len}")
         require(self.max_new_tokens >= 1, f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         require(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")

@@ -26,10 +26,12 @@ class LoopSettings:
     sample_every: int  # 0: no sample tables
     num_samples: int
     save_every: int  # 0: no checkpoints
+    snapshot_every: int = 0  # 0: no snapshots of the policy
 
 
 def run_iterations(iterate: Iteration, start: int, settings: LoopSettings, logger: RunLogger,
-                   save: Callable[[int], None], out: Path, world: World) -> None:
+                   save: Callable[[int], None], out: Path, world: World,
+                   snapshot: Callable[[int], None] | None = None) -> None:
     """Iterations `start` .. settings.iterations - 1. An iteration is skipped when it raises SkippedIteration (a
     non-finite score) or some of its optimizer steps were skipped (metrics["skipped"] > 0: their share); either way
     the run warns and goes on, until max_bad_steps in a row stop it, and a run that skipped every iteration fails."""
@@ -57,6 +59,8 @@ def run_iterations(iterate: Iteration, start: int, settings: LoopSettings, logge
             write_samples(out, samples, logger)
         if settings.save_every and done % settings.save_every == 0:
             save(done)
+        if snapshot is not None and settings.snapshot_every and done % settings.snapshot_every == 0:
+            snapshot(done)
     check_trained(bad_in_a_row, settings.iterations - start, "iteration")
 
 

@@ -29,7 +29,7 @@ from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.rl.loop import Iteration, LoopSettings, run_iterations
-from rlhfkit.training.common import (Resume, log, rows_per_pass, run_state, save_final, set_peak_lr,
+from rlhfkit.training.common import (SNAPSHOTS, Resume, log, rows_per_pass, run_state, save_final, set_peak_lr,
                                      set_weight_decay, with_lora)
 from rlhfkit.training.distributed import (World, adapter_disabled, gathered, gradient_sync, place_frozen, rank_share,
                                           wrap_model)
@@ -410,14 +410,15 @@ def resume_run(resume: Resume, trained: Trained, config: RLConfig, world: World,
 
 # ----------------------------------------------------------------------------------------- the run and its results
 def train(config: RLConfig, stage: str, iterations: int, start: int, iterate: Iteration, save: Callable[[int], None],
-          out: Path, world: World) -> None:
-    """Iterations `start` .. `iterations` - 1 of an algorithm (rl/loop.py), with its progress bar and logs."""
+          out: Path, world: World, snapshot: Callable[[int], None] | None = None) -> None:
+    """Iterations `start` .. `iterations` - 1 of an algorithm (rl/loop.py), with its progress bar and logs;
+    `snapshot(iteration)` every --snapshot-every iterations."""
     logger = RunLogger(out, total_steps=iterations, start_step=start, desc=stage, wandb_project=config.wandb_project,
                        enabled=world.main)
     loop = LoopSettings(iterations, config.max_bad_steps, config.log_every, config.sample_every, config.num_samples,
-                        config.save_every)
+                        config.save_every, config.snapshot_every)
     try:
-        run_iterations(iterate, start, loop, logger, save, out, world)
+        run_iterations(iterate, start, loop, logger, save, out, world, snapshot)
     finally:
         logger.close()
 
@@ -431,3 +432,14 @@ def save_final_actor(config: RLConfig, actor, tokenizer, out: Path, world: World
     """OUTPUT/final: the trained policy in Hugging Face format (the adapter merged unless --lora-merge false)."""
     return save_final(actor, tokenizer, out / "final", world, lambda: fresh_actor(config, tokenizer),
                       merge_lora=config.lora_merge)
+
+
+def snapshot_actor(config: RLConfig, actor, tokenizer, out: Path, world: World) -> Callable[[int], None]:
+    """The `snapshot` of `train`: OUTPUT/snapshots/step-N, the policy after iteration N written as OUTPUT/final is
+    (what an evaluation along training, such as the demo's over-optimisation plot, loads)."""
+    def write(iteration: int) -> None:
+        save_final(actor, tokenizer, out / SNAPSHOTS / f"step-{iteration:08d}", world,
+                   lambda: fresh_actor(config, tokenizer), merge_lora=config.lora_merge,
+                   when=f"at iteration {iteration}")
+
+    return write

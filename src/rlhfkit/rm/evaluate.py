@@ -12,7 +12,7 @@ from rlhfkit.config import option, require
 from rlhfkit.data.encode import EncodeStats, encode_pairs
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import check_positions, load_sequence_classifier, load_tokenizer
+from rlhfkit.models import DTYPES, check_positions, load_sequence_classifier, load_tokenizer, resolve_dtype
 from rlhfkit.rm.scoring import pair_metrics, score_pairs
 from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
@@ -25,7 +25,8 @@ class EvalRMConfig:
                            choices=("auto", "tokenizer", "human-assistant", "alpaca", "chatml"))
     max_len: int = option(512, "longest sequence in tokens", group="model")
     batch_size: int = option(16, "pairs per forward pass", group="eval")
-    dtype: str = option("float32", "compute dtype", group="model", choices=("float32", "bfloat16"))
+    dtype: str = option("auto", "compute dtype (auto: bfloat16 where the hardware has it natively)", group="model",
+                        choices=DTYPES)
     loss: str = option("log_sig", "loss reported beside accuracy", group="eval", choices=("log_sig", "log_exp"))
     show: int = option(10, "example pairs shown in the table", group="eval")
     skip_invalid: bool = option(False, "skip bad rows instead of stopping", group="data")
@@ -51,7 +52,8 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
     encoded = encode_pairs(pairs, tokenizer, template, config.max_len, stats)
     log.info(f"{len(pairs)} pairs; tokenized {stats.describe()}")
     model = load_sequence_classifier(config.model, tokenizer)
-    chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.batch_size, config.dtype)
+    dtype = resolve_dtype(config.dtype, next(model.parameters()).device)
+    chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.batch_size, dtype)
     metrics = pair_metrics(chosen, rejected, torch.tensor([p[2] for p in encoded]), config.loss)
     metrics["pairs"] = len(encoded)
     _print_table(tokenizer, encoded, chosen, rejected, metrics, config.show)

@@ -18,6 +18,7 @@ import torch
 from rlhfkit.config import ConfigError, option, require, require_seed, to_dict, write_config
 from rlhfkit.data.loading import check_spec_exists
 from rlhfkit.data.readers import DataError
+from rlhfkit.models import DTYPES, resolve_dtype
 from rlhfkit.training.checkpoint import checkpoint_problem, latest_checkpoint, previous_intact, read_state
 from rlhfkit.training.distributed import World, init_world, unwrap
 from rlhfkit.training.guards import TrainingError, check_finite
@@ -34,8 +35,9 @@ class CommonConfig:
                            choices=("auto", "tokenizer", "human-assistant", "alpaca", "chatml"))
     max_len: int = option(512, "longest sequence in tokens; longer rows lose prompt tokens from the left",
                           group="model")
-    dtype: str = option("float32", "compute dtype: bfloat16 runs autocast over float32 master weights",
-                        group="model", choices=("float32", "bfloat16"))
+    dtype: str = option("auto", "compute dtype: bfloat16 runs autocast over float32 master weights; auto picks it "
+                                "where the GPU or CPU multiplies bf16 natively (AVX512-BF16, AMX), else float32",
+                        group="model", choices=DTYPES)
     attn_implementation: str = option("sdpa", "attention kernel passed to transformers (sdpa, eager, "
                                               "flash_attention_2, ...)", group="model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory",
@@ -194,16 +196,20 @@ class Resume:
 FREE_ON_RESUME = frozenset({
     "output", "resume", "resume_allow", "overwrite", "log_every", "save_every", "keep_last", "max_steps", "epochs",
     "eval_every", "sample_every", "num_samples", "wandb_project", "strategy", "nproc", "fsdp_cpu_offload",
-    "dist_timeout_s", "shard_frozen", "offload_frozen", "micro_batch_size", "micro_batch_tokens"})
+    "dist_timeout_s", "shard_frozen", "offload_frozen", "micro_batch_size", "micro_batch_tokens", "snapshot_every"})
 # What a previous run leaves in its output folder; --overwrite deletes exactly these.
-RUN_FILES = ("checkpoints", "final", "final_critic", "final_ema", "metrics.jsonl", "samples.jsonl", "tensorboard",
-             "skipped_rows.jsonl", "skipped_prompt_rows.jsonl", "skipped_text_rows.jsonl")
+SNAPSHOTS = "snapshots"
+RUN_FILES = ("checkpoints", SNAPSHOTS, "final", "final_critic", "final_ema", "metrics.jsonl", "samples.jsonl",
+             "tensorboard", "skipped_rows.jsonl", "skipped_prompt_rows.jsonl", "skipped_text_rows.jsonl")
 
 
-def start_run(config: CommonConfig, stage: str) -> tuple[Path, Resume | None, World]:
-    """Join the other ranks (if any), check the output folder and the checkpoint to resume from, write the resolved
-    config, seed everything; return (output, where to resume or None, this process's World)."""
+def start_run(config: CommonConfig, stage: str, model: str) -> tuple[Path, Resume | None, World]:
+    """Join the other ranks (if any), resolve `--dtype auto` for the trained `model` (its folder), check the output
+    folder and the checkpoint to resume from, write the resolved config, seed everything; return (output, where to
+    resume or None, this process's World)."""
     world = init_world(config.strategy, config.dist_timeout_s)
+    # Resolved before anything is compared or written: the saved config and a resume check name the dtype that ran.
+    config.dtype = resolve_dtype(config.dtype, world.device, model)
     if config.batch_size % world.size:
         raise ConfigError(f"batch_size: the global batch of {config.batch_size} must split evenly over the "
                           f"{world.size} ranks")
@@ -364,12 +370,12 @@ def with_lora(model, config: CommonConfig, task: str):
 
 
 def save_final(model, tokenizer, folder: Path, world: World, fresh_model, *, merge_lora: bool,
-               reward_stats: dict | None = None) -> Path:
+               reward_stats: dict | None = None, when: str = "at the end of training") -> Path:
     """Write the trained model once, in Hugging Face format, from rank 0 (all ranks call this).
 
     Under FSDP the ranks first gather the full weights; rank 0 loads them into `fresh_model()`, an unsharded model of
     the same shape, and writes that. A non-finite model is never written."""
-    check_finite({folder.name: model}, "at the end of training", world)
+    check_finite({folder.name: model}, when, world)
     if world.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -97,7 +97,7 @@ class Stage:
 def run_supervised(config: SupervisedConfig, stage: Stage) -> Path:
     """Train and write OUTPUT/final (Hugging Face format); returns that folder."""
     setup_logging()
-    out, resume, world = start_run(config, stage.name)
+    out, resume, world = start_run(config, stage.name, config.model)
 
     # Data first, so that bad rows stop the run before any model is loaded.
     train_rows, eval_rows = load_train_eval(config, stage.kind, out)
