@@ -170,8 +170,8 @@ def test_page_shows_numbers_tables_and_acceptance(report):
     # The page leads with the comparison: a row per model, as `comparison` formats it.
     lead = page[page.index("<h2>Comparison on held-out prompts</h2>"):page.index("<h2>Acceptance</h2>")]
     for row in (["base", "-4.00 ± 0.25", "", "", "-3.00", "48.0", "0.00", "", "60"],
-                ["sft", "-2.25 ± 0.20", "0.700 over base", "", "-1.00", "5.0", "1.00", "2.000", "50"],
-                ["ppo", "-1.50 ± 0.12", "0.660 over sft", "1.25", "0.50", "4.0", "1.00", "2.180", "110"]):
+                ["sft", "-2.25 ± 0.20", "0.700 (vs base)", "", "-1.00", "5.0", "1.00", "2.000", "50"],
+                ["ppo", "-1.50 ± 0.12", "0.660", "1.25", "0.50", "4.0", "1.00", "2.180", "110"]):
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" in lead, row
     assert 'alt="overoptimisation.png"' in lead
     assert page.count('<span class="pass">pass</span>') == 7 and "FAIL" not in page

@@ -67,7 +67,7 @@ COMPARISON_NOTE = ("<p>gold: the task's true score of one answer per held-out pr
                    "model's own answers; tokens: answer length; train s: the stage's wall time.</p>")
 OVEROPTIMISATION_PLOT = "overoptimisation.png"
 RL_LINES = {"ppo": "PPO", "grpo": "GRPO (reward model)", "grpo_gold": "GRPO (gold reward)"}
-COMPARISON_HEADER = ["model", "gold (95% CI)", "win rate", "KL to SFT", "RM score", "tokens", "EOS rate",
+COMPARISON_HEADER = ["model", "gold (95% CI)", "win rate vs SFT", "KL to SFT", "RM score", "tokens", "EOS rate",
                      "corpus loss", "train s"]
 
 
@@ -84,7 +84,8 @@ def comparison(summary: dict) -> tuple[list[str], list[list[str]]]:
 
     rows = []
     for name, g in summary["gold"].items():
-        win = f"{wins[name][0]:.3f} over {wins[name][1]}" if name in wins else ""
+        win = "" if name not in wins else f"{wins[name][0]:.3f}" + ("" if wins[name][1] == "sft" else
+                                                                    f" (vs {wins[name][1]})")
         seconds = timings.get("pretrain" if name == "base" else name)
         rows.append([name, f"{g['mean']:.2f} ± {g['ci95']:.2f}", win, cell("kl_to_sft", name, ".2f"),
                      cell("rm_score", name, ".2f"), cell("response_tokens", name, ".1f"), cell("eos_rate", name, ".2f"),

@@ -1,0 +1,76 @@
+"""The demo's acceptance across seeds, thread counts and dtypes: runs `rlhfkit demo` for each combination (skipping
+those whose summary.json exists) and prints one markdown row per run with every acceptance number and the wall time.
+
+    python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 2 --dtypes float32 --out runs/robust
+    python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 1 --dtypes float32 --parallel 2 --out runs/robust
+    python benchmarks/demo_robustness.py --out runs/robust --table-only
+
+`--parallel 2` runs two one-thread demos at once (one per core; their wall times are then not the demo's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rlhfkit.demo.report import acceptance
+
+
+def run_one(out: Path, seed: int, threads: int, dtype: str) -> Path:
+    folder = out / f"s{seed}-t{threads}-{dtype}"
+    if not (folder / "summary.json").exists():
+        with open(folder.with_suffix(".log"), "w") as log:
+            subprocess.run([sys.executable, "-m", "rlhfkit", "demo", "--seed", str(seed), "--threads", str(threads),
+                            "--dtype", dtype, "--output", str(folder)], stdout=log, stderr=subprocess.STDOUT,
+                           check=True)
+    return folder
+
+
+def row(summary: dict) -> str:
+    checks = acceptance(summary)
+    wins, kl = summary["win_rate"], summary.get("kl_to_sft", {})
+    cells = [summary["seed"], summary.get("threads", "?"), summary.get("dtype", "?"),
+             f"{summary['rm_accuracy']:.3f}", f"{wins['sft_vs_base']:.3f}"]
+    cells += [f"{wins[k]:.3f}" if k in wins else "" for k in ("ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft",
+                                                              "dpo_vs_sft")]
+    cells += [checks["corpus_loss"][1] if "corpus_loss" in checks else "",
+              " / ".join(f"{kl[k]:.2f}" for k in kl),
+              "all pass" if all(ok for ok, _ in checks.values()) else
+              "FAIL: " + ", ".join(k for k, (ok, _) in checks.items() if not ok),
+              f"{sum(summary['timings_s'].values()) / 60:.1f} min"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+HEADER = ("| seed | threads | dtype | RM accuracy | SFT over base | PPO over SFT | GRPO (RM) over SFT | GRPO (gold) over "
+          "SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | acceptance | wall |\n"
+          "|" + "---|" * 13)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--threads", default="2", help="comma-separated thread counts")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--parallel", type=int, default=1, help="demos at once (use with --threads 1 only)")
+    parser.add_argument("--out", default="runs/robust")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        jobs = [(int(s), int(t), d) for d in args.dtypes.split(",") for t in args.threads.split(",")
+                for s in args.seeds.split(",")]
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for folder in pool.map(lambda job: run_one(out, *job), jobs):
+                print(f"done: {folder}", flush=True)
+    print(HEADER)
+    for path in sorted(out.glob("*/summary.json")):
+        print(row(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
