@@ -30,76 +30,25 @@ tools:
 `rlhfkit <command> --help` lists every option with its default and meaning."""
 
 
-def _sft(argv: list[str]) -> int:
-    from rlhfkit.sft.train import SFTConfig
-
-    return _stage("sft", "rlhfkit.sft.train:run_sft",
-                  parse_config(SFTConfig, argv, "rlhfkit sft", "Supervised fine-tuning (stage 1)."), argv)
-
-
-def _rm(argv: list[str]) -> int:
-    from rlhfkit.rm.train import RMConfig
-
-    return _stage("rm", "rlhfkit.rm.train:run_rm", parse_config(RMConfig, argv, "rlhfkit rm",
-                                                               "Reward-model training on preference pairs (stage 2)."),
-                  argv)
+DESCRIPTIONS = {
+    "sft": "Supervised fine-tuning (stage 1).",
+    "rm": "Reward-model training on preference pairs (stage 2).",
+    "ppo": "PPO with the actor, reference, critic and reward (stage 3).",
+    "grpo": "Critic-free RL (GRPO, Dr.GRPO, RLOO, REINFORCE++) with a reward model or functions.",
+    "dpo": "Offline preference optimisation (DPO, cDPO, robust DPO, IPO, SimPO) on preference pairs.",
+    "eval-rm": "Evaluate a reward model on preference pairs.",
+    "compare": "Compare models' responses to the same prompts.",
+    "demo": "The whole pipeline offline on a CPU, with a report.",
+}
 
 
-def _stage(command: str, run: str, config, argv: list[str]) -> int:
-    """Run a training stage (`module:function`) here, or with --nproc N (outside torchrun) start N local ranks that
-    run it; the launching process does not import the training code it would not use."""
-    import importlib
-    import os
+def _stage(command: str, argv: list[str]) -> int:
+    """Parse the flags into the command's config and run it through the same `execute` as the Python functions
+    (rlhfkit.api): here, or with --nproc N (outside torchrun) on N local ranks given these flags."""
+    from rlhfkit.api import config_class, execute
 
-    from rlhfkit.training.distributed import close_world, launch
-
-    if config.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch(command, argv, config.nproc)
-    module, _, function = run.partition(":")
-    getattr(importlib.import_module(module), function)(config)
-    close_world()
-    return 0
-
-
-def _demo(argv: list[str]) -> int:
-    from rlhfkit.demo.run import DemoConfig, run_demo
-
-    run_demo(parse_config(DemoConfig, argv, "rlhfkit demo", "The whole pipeline offline on a CPU, with a report."))
-    return 0
-
-
-def _ppo(argv: list[str]) -> int:
-    from rlhfkit.ppo.config import PPOConfig
-
-    return _stage("ppo", "rlhfkit.ppo.train:run_ppo", parse_config(PPOConfig, argv, "rlhfkit ppo",
-                                               "PPO with the actor, reference, critic and reward (stage 3)."), argv)
-
-
-def _grpo(argv: list[str]) -> int:
-    from rlhfkit.grpo.config import GRPOConfig
-
-    return _stage("grpo", "rlhfkit.grpo.train:run_grpo", parse_config(GRPOConfig, argv, "rlhfkit grpo",
-                  "Critic-free RL (GRPO, Dr.GRPO, RLOO, REINFORCE++) with a reward model or functions."), argv)
-
-
-def _dpo(argv: list[str]) -> int:
-    from rlhfkit.dpo.train import DPOConfig
-
-    return _stage("dpo", "rlhfkit.dpo.train:run_dpo", parse_config(DPOConfig, argv, "rlhfkit dpo",
-                  "Offline preference optimisation (DPO, cDPO, robust DPO, IPO, SimPO) on preference pairs."), argv)
-
-
-def _eval_rm(argv: list[str]) -> int:
-    from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
-
-    run_eval_rm(parse_config(EvalRMConfig, argv, "rlhfkit eval-rm", "Evaluate a reward model on preference pairs."))
-    return 0
-
-
-def _compare(argv: list[str]) -> int:
-    from rlhfkit.tools.compare import CompareConfig, run_compare
-
-    run_compare(parse_config(CompareConfig, argv, "rlhfkit compare", "Compare models' responses to the same prompts."))
+    config = parse_config(config_class(command), argv, f"rlhfkit {command}", DESCRIPTIONS[command])
+    execute(command, config, argv=argv)
     return 0
 
 
@@ -174,8 +123,8 @@ def data_check(paths: list[str], kind: str, tokenizer_path: str, template: str, 
     return 2 if unreadable else 1 if problems else 0
 
 
-COMMANDS = {"demo": _demo, "sft": _sft, "rm": _rm, "ppo": _ppo, "grpo": _grpo, "dpo": _dpo, "eval-rm": _eval_rm,
-            "compare": _compare, "chat": _chat, "data": _data}
+COMMANDS = {**{command: (lambda argv, command=command: _stage(command, argv)) for command in DESCRIPTIONS},
+            "chat": _chat, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhfkit import in_memory
 from rlhfkit.data.formats import KINDS, NORMALISERS
 from rlhfkit.data.readers import DataError, Source, expand, looks_like_hub_name, read_hub, read_rows
 
@@ -54,6 +55,8 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 def check_spec_exists(spec: str) -> str | None:
     """A one-line problem when the spec names nothing readable, else None (used by config checks)."""
+    if in_memory.is_name(spec):
+        return None if in_memory.lookup(spec) is not None else in_memory.missing_message(spec)
     path, _ = parse_spec(spec)
     if Path(path).exists() or looks_like_hub_name(path):
         return None
@@ -66,8 +69,13 @@ def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}")
     normalise = NORMALISERS[kind]
-    rows = read_hub(spec_path) if looks_like_hub_name(spec_path) else (
-        row for file in expand(spec_path) for row in read_rows(file))
+    table = in_memory.lookup(spec_path)
+    if table is not None:
+        rows = memory_rows(spec_path, table)
+    elif looks_like_hub_name(spec_path):
+        rows = read_hub(spec_path)
+    else:
+        rows = (row for file in expand(spec_path) for row in read_rows(file))
     for source, row in rows:
         if isinstance(row, DataError):
             yield source, row.text, row  # the raw text, when the row could not be parsed
@@ -76,6 +84,17 @@ def iter_examples(spec_path: str, kind: str) -> Iterator[tuple[Source, Any, list
             yield source, row, normalise(row, source)
         except DataError as exc:
             yield source, row, exc
+
+
+def memory_rows(name: str, table: Any) -> Iterator[tuple[Source, Any]]:
+    """The rows of a list of dicts or a `datasets.Dataset` handed over from Python, each named `<data>[i]`."""
+    for index, row in enumerate(table):
+        source = Source(name, index, unit="index")
+        if isinstance(row, dict):
+            yield source, dict(row)
+        else:
+            yield source, DataError(source, None, f"expected a dict of fields, got {type(row).__name__}",
+                                    text=repr(row)[:200])
 
 
 def load_examples(specs: list[str], kind: str, *, skip_invalid: bool = False, seed: int = 0,

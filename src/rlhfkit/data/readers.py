@@ -35,6 +35,8 @@ class Source:
     def __str__(self) -> str:
         if self.line is None:
             return self.file
+        if self.unit == "index":  # data handed over in memory: `<data>[17]`, 0-based as Python counts
+            return f"{self.file}[{self.line}]"
         return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file} row {self.line}"
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhfkit import in_memory
 from rlhfkit.config import ConfigError
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.encode import bos_ids, tokenize_segments, truncate
@@ -28,7 +29,16 @@ from rlhfkit.training.guards import SkippedIteration, TrainingError, describe
 
 
 def load_reward_fn(spec: str, field: str = "reward_fn") -> Callable:
-    """`module:function` (importable) or `path/to/file.py:function`; a ConfigError that says what is wrong."""
+    """`module:function` (importable), `path/to/file.py:function`, or the name of a function handed over from Python
+    (rlhfkit.in_memory); a ConfigError that says what is wrong."""
+    if in_memory.is_name(spec):
+        fn = in_memory.lookup(spec)
+        if fn is None:
+            raise ConfigError(f"{field}: {in_memory.missing_message(spec)}")
+        problem = signature_problem(fn) if callable(fn) else "is not callable"
+        if problem:
+            raise ConfigError(f"{field}: {spec} {problem}")
+        return fn
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise ConfigError(f"{field}: expected module:function or path/to/file.py:function, got {spec!r}")
