@@ -1,4 +1,4 @@
-"""rlhfkit from Python: the stage functions, data and reward functions in memory, errors, and the same run as the CLI."""
+"""rlhfkit from Python: the stage functions, data and reward functions in memory, errors, the same run as the CLI."""
 
 from __future__ import annotations
 
@@ -131,3 +131,18 @@ def test_rm_dpo_eval_rm_and_compare_from_python(tiny_models, tmp_path):
     compared = rlhfkit.compare(models={"base": tiny_models["llama"], "dpo": dpo}, prompts=pairs[:3],
                                max_new_tokens=3)
     assert len(compared.result) == 3 and set(compared.result[0]["responses"]) == {"base", "dpo"}
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, in a fresh folder: what a newcomer runs after installing."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## From Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme", "print": lambda *a: printed.append(a)})
+    final, reward = printed[-1]
+    assert final == Path("runs/py/grpo/final") and (tmp_path / final / "config.json").is_file() and 0 <= reward <= 1

@@ -176,12 +176,14 @@ def test_demo_quick_end_to_end(tmp_path):
 
 
 def test_demo_runs_a_subset_of_algorithms(tmp_path):
-    """`--algorithms dpo`: base, SFT and the reward model (the evaluation's judge of RM scores), then DPO only."""
-    from rlhfkit.cli import main
+    """`algorithms=["dpo"]` (from Python here): base, SFT and the reward model (the evaluation's judge of RM scores),
+    then DPO only."""
+    import rlhfkit
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--algorithms", "dpo", "--output", str(out)]) == 0
+    run = rlhfkit.demo(quick=True, algorithms=["dpo"], output=str(out))
     summary = json.loads((out / "summary.json").read_text())
+    assert run.result == summary and run.output == out and run.config.dtype == "auto"
     assert list(summary["gold"]) == ["base", "sft", "dpo"] and list(summary["win_rate"]) == ["sft_vs_base", "dpo_vs_sft"]
     assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "dpo", "evaluate"}
     assert list(summary["trajectories"]) == ["dpo"] and not (out / "ppo").exists()

@@ -180,7 +180,7 @@ SUMMARIES = {
     "dpo": "Train the policy on preference pairs directly: DPO, IPO, SimPO (`rlhfkit dpo`).",
     "eval-rm": "A reward model's accuracy on preference pairs (`rlhfkit eval-rm`); Run.result holds the metrics.",
     "compare": "Several models' answers to the same prompts (`rlhfkit compare`); Run.result holds the rows.",
-    "demo": "The whole pipeline offline on a CPU with a gold evaluation (`rlhfkit demo`); Run.result holds the summary.",
+    "demo": "The whole pipeline offline on a CPU, with a gold evaluation (`rlhfkit demo`); Run.result: the summary.",
 }
 
 
@@ -190,8 +190,8 @@ def run_command(command: str, options: dict[str, Any]) -> Run:
 
 
 def docstring(command: str) -> str:
-    lines = [SUMMARIES[command], "", f"Keyword arguments: the fields of `rlhfkit {command} --help`, with the same names, "
-                                     "defaults and checks. Returns a Run.", ""]
+    lines = [SUMMARIES[command], "", f"Keyword arguments: the fields of `rlhfkit {command} --help`, with the same "
+                                     "names, defaults and checks. Returns a Run.", ""]
     for f in dataclasses.fields(config_class(command)):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"    {f.name} = {default!r}: {f.metadata.get('help', '')}")
