@@ -126,6 +126,10 @@ def test_rm_dpo_eval_rm_and_compare_from_python(tiny_models, tmp_path):
     dpo = rlhfkit.dpo(model=tiny_models["llama"], data=pairs, output=str(tmp_path / "dpo"), max_steps=2,
                       batch_size=8, save_every=0, eval_split=0.25)
     assert dpo.metrics[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # ln 2: the policy is its reference
+    ppo = rlhfkit.ppo(actor=tiny_models["llama"], reward=rm, prompts=[{"prompt": p["prompt"]} for p in pairs[:4]],
+                      monitor_fn=exact, output=str(tmp_path / "ppo"), max_steps=1, batch_size=4, max_new_tokens=3,
+                      save_every=0)
+    assert set(ppo.models) == {"final", "final_critic"} and "monitor" in ppo.metrics[-1]
     scored = rlhfkit.eval_rm(model=rm, data=pairs)
     assert scored.result["pairs"] == 24 and scored.metrics == [scored.result] and scored.final is None
     compared = rlhfkit.compare(models={"base": tiny_models["llama"], "dpo": dpo}, prompts=pairs[:3],

@@ -69,7 +69,7 @@ class DemoConfig:
 MODEL = {"full": dict(hidden=128, layers=4, heads=4, ffn=512), "quick": dict(hidden=32, layers=2, heads=4, ffn=64)}
 # snapshots: the RL runs write their policy this many times along training, for the over-optimisation picture;
 # trajectory_prompts: the held-out prompts those snapshots are evaluated on (the first ones, the same for all).
-STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=40, dpo=125, eval_prompts=240, snapshots=5,
+STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=50, dpo=125, eval_prompts=240, snapshots=5,
                       trajectory_prompts=96),
          "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, grpo=2, dpo=3, eval_prompts=24, snapshots=2,
                        trajectory_prompts=8)}
@@ -100,7 +100,9 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
                     kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
                     snapshot_every=max(1, steps["ppo"] // steps["snapshots"])),
         # 8 prompts x 8 samples per iteration, two optimizer steps each (one step per iteration won 0.650-0.654
-        # over SFT on seeds 0 and 1, two won 0.69-0.72). At lr 2e-4 (or with Dr.GRPO's unscaled advantages) the reward
+        # over SFT on seeds 0 and 1, two won 0.69-0.72). 50 iterations: 40 won 0.719 / 0.679 / 0.735 / 0.731 / 0.617
+        # on seeds 0-4, 50 won 0.692 / 0.671 / 0.708 / 0.704 / 0.671, and lr 1.5e-4 (40) 0.669 / 0.658 / 0.746 /
+        # 0.700 / 0.608. At lr 2e-4 (or with Dr.GRPO's unscaled advantages) the reward
         # model was exploited within 40 iterations on seed 0: responses of 3-5 tokens that it scores high and the gold
         # judge low.
         "grpo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
