@@ -1,5 +1,5 @@
 """The quickstart's task from Python, as in a notebook: data built in memory, a reward function defined here, each
-stage a function call whose result feeds the next. About a minute on 2 CPU cores, offline.
+stage a function call whose result feeds the next. About 20 seconds on 2 CPU cores, offline.
 
     python examples/from_python.py [OUTPUT]        # default runs/from_python
 """

@@ -52,7 +52,7 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
     encoded = encode_pairs(pairs, tokenizer, template, config.max_len, stats)
     log.info(f"{len(pairs)} pairs; tokenized {stats.describe()}")
     model = load_sequence_classifier(config.model, tokenizer)
-    dtype = resolve_dtype(config.dtype, next(model.parameters()).device)
+    dtype = resolve_dtype(config.dtype, next(model.parameters()).device, config.model)
     chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.batch_size, dtype)
     metrics = pair_metrics(chosen, rejected, torch.tensor([p[2] for p in encoded]), config.loss)
     metrics["pairs"] = len(encoded)
