@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 
@@ -173,6 +174,18 @@ def test_demo_quick_end_to_end(tmp_path):
     assert main(["demo", "--quick", "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert {k: v for k, v in again.items() if k != "timings_s"} == {k: v for k, v in summary.items() if k != "timings_s"}
+
+    # --resume keeps every finished stage whose config and inputs are unchanged and reruns the rest: GRPO on the gold
+    # judge, its final model gone, reruns alone; the numbers are those of the uninterrupted run.
+    shutil.rmtree(tmp_path / "again" / "grpo_gold" / "final")
+    (tmp_path / "again" / "summary.json").unlink()  # the stage seconds of kept stages come from timings.json
+    assert main(["demo", "--quick", "--resume", "--output", str(tmp_path / "again")]) == 0
+    resumed = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert resumed["kept"] == ["pretrain", "sft", "rm", "ppo", "grpo", "dpo"] and summary["kept"] == []
+    assert {k: resumed["timings_s"][k] for k in resumed["kept"]} == {k: again["timings_s"][k] for k in resumed["kept"]}
+    assert (tmp_path / "again" / "grpo_gold" / "final" / "config.json").is_file()
+    skip = {"timings_s", "kept"}
+    assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
 
 
 def test_demo_runs_a_subset_of_algorithms(tmp_path):

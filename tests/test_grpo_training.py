@@ -120,6 +120,20 @@ def test_groups_weighted_rewards_and_samples(tiny_models, files, tmp_path):
     assert len({s["response"] for s in samples[:4]}) > 1  # G different samples of one prompt
 
 
+def test_gradient_checkpointing_trains_as_without(tiny_models, files, tmp_path):
+    """Under gradient checkpointing the update takes whole rows (no shared prompt pass: the cache is dropped), with
+    the numbers of the run without it."""
+    runs = {}
+    for on in (False, True):
+        run_grpo(grpo_config(tiny_models["llama"], files, tmp_path / str(on), max_steps=2, gradient_checkpointing=on))
+        runs[on] = records(tmp_path / str(on)), weights(tmp_path / str(on) / "final")
+    for plain, checkpointed in zip(runs[False][0], runs[True][0]):
+        for key in ("score", "policy_loss", "kl", "grad_norm"):
+            assert checkpointed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+    for name, tensor in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_the_reference_is_loaded_only_for_a_kl_term(tiny_models, files, tmp_path, monkeypatch):
     calls = []
     real = grpo_train.load_reference

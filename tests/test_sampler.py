@@ -287,6 +287,28 @@ def test_group_forward_equals_whole_rows_in_value_and_gradient(arch, tokenizer):
         micro_batches(rollout, [0, 1, 3], 4, G)
 
 
+def test_group_forward_under_gradient_checkpointing_takes_whole_rows(tokenizer):
+    """transformers drops the key/value cache of a checkpointed layer in training, so a group's prompt pass would
+    leave nothing for its responses: under gradient checkpointing the rows go through whole, with the same values and
+    gradients as without it."""
+    from rlhfkit.rl.rollout import group_logprobs
+
+    plain = tiny_lm("llama", tokenizer)
+    checkpointed = tiny_lm("llama", tokenizer)
+    checkpointed.gradient_checkpointing_enable()
+    torch.manual_seed(3)
+    rollout = generate(plain, prompts_of(tokenizer), tokenizer, Sampling(max_new_tokens=5, samples_per_prompt=2))
+    mask = rollout.response_mask
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        logprobs, _ = group_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 2, 1.0)
+        logprobs[mask].sum().backward()
+        results.append((logprobs.detach(), model.model.embed_tokens.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0][mask], results[0][0][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+
+
 def test_minibatches_of_whole_groups():
     from rlhfkit.rl.setup import Passes, UpdateSettings, minibatch_order
 

@@ -11,6 +11,7 @@ picture), summary.json and the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import make_config, option, require, require_seed
+import yaml
+
+from rlhfkit.config import make_config, option, require, require_seed, to_dict
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
 from rlhfkit.demo.report import comparison, write_report
@@ -40,6 +43,9 @@ from rlhfkit.training.lm_loss import evaluate
 
 BRANCHES = ("ppo", "grpo", "grpo_gold", "dpo")  # the models tuned from the SFT model
 RL_BRANCHES = ("ppo", "grpo", "grpo_gold")  # those with snapshots along training
+# What each stage's result depends on besides its own config: under --resume a stage is kept only if these were too.
+DEPENDS = {"pretrain": ("data",), "sft": ("pretrain",), "rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm"),
+           "grpo_gold": ("sft",), "dpo": ("sft",)}
 
 
 @dataclass
@@ -55,6 +61,9 @@ class DemoConfig:
                         choices=DTYPES)
     threads: int = option(0, "CPU threads torch uses (0 = its default, one per core); a seed's numbers repeat "
                              "exactly for the same threads and dtype on one machine")
+    resume: bool = option(False, "keep each stage of an earlier run in --output that finished with the same config "
+                                 "on the same data and inputs (after a crash, or after changing a later stage's "
+                                 "settings); the others and the evaluation rerun")
 
     def check(self) -> None:
         require_seed(self.seed)
@@ -138,6 +147,9 @@ def run_demo(config: DemoConfig) -> dict:
     log.info(f"demo: seed {config.seed}, {torch.get_num_threads()} threads, {dtype}, tuned from SFT: "
              f"{', '.join(branches)}")
     timings: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    earlier = _earlier_run(out) if config.resume else {}
+    inputs = _fingerprint(out) if config.resume else None
 
     def timed(name: str, fn, *args):
         log.info(f"--- demo stage: {name}")
@@ -156,21 +168,64 @@ def run_demo(config: DemoConfig) -> dict:
         return files
 
     files = timed("data", make_data)
+    # Under --resume the data and the initial model are made again (a few seconds, byte for byte the same when the
+    # seed and the code are); if they differ from what the earlier run trained on, or it ran on another number of
+    # threads (other float rounding), nothing is kept.
+    same = inputs is not None and _fingerprint(out) == inputs and earlier.get("threads") == threads
+    rerun = set() if same else {"data"}
     stages = stage_configs(files, out, config.seed, size, dtype)
     runners = {"pretrain": (SFTConfig, run_sft), "sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
                "ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "grpo_gold": (GRPOConfig, run_grpo),
                "dpo": (DPOConfig, run_dpo)}
+    kept = []
     for name in ("pretrain", "sft", "rm", *branches):
         config_class, run = runners[name]
-        timed(name, run, make_config(config_class, stages[name]))
+        stage_config = make_config(config_class, stages[name])
+        if config.resume and not rerun & set(DEPENDS[name]) and _finished(out / name, stage_config):
+            log.info(f"--- demo stage: {name}: kept from the earlier run (same config and inputs)")
+            timings[name] = earlier["timings_s"].get(name, 0.0)
+            kept.append(name)
+        else:
+            rerun.add(name)
+            timed(name, run, stage_config)
+        (out / "timings.json").write_text(json.dumps({"threads": threads, "timings_s": timings}))
     summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"], branches,
                     STEPS[size]["trajectory_prompts"])
-    summary = {"seed": config.seed, "dtype": dtype, "threads": torch.get_num_threads(), **summary,
-               "timings_s": timings}
+    summary = {"seed": config.seed, "dtype": dtype, "threads": threads, **summary,
+               "timings_s": timings, "kept": kept}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out)
     _print_summary(summary, out, report)
     return summary
+
+
+def _fingerprint(out: Path) -> str:
+    """A digest of the demo's data files and initial model (tokenizer and weights)."""
+    digest = hashlib.sha256()
+    for folder in (out / "data", out / "init"):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+            digest.update(str(path.relative_to(out)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _finished(folder: Path, config) -> bool:
+    """Whether `folder` holds a finished run (its final model) of exactly this config."""
+    try:
+        written = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (folder / "final" / "config.json").is_file() and written == to_dict(config)
+
+
+def _earlier_run(out: Path) -> dict:
+    """The threads and stage seconds of the run in `out`: timings.json (written after each stage), else its summary."""
+    for path in (out / "timings.json", out / "summary.json"):
+        try:
+            data = json.loads(path.read_text())
+            return {"threads": data["threads"], "timings_s": data["timings_s"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

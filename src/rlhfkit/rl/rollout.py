@@ -224,7 +224,9 @@ def group_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # gradient reaches the same parameters either way.
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     drive = driver(inner)
-    if isinstance(drive, str):  # a model the sampler cannot drive: each row whole
+    # Each row whole for a model the sampler cannot drive, and under gradient checkpointing: transformers drops the
+    # cache there (a checkpointed layer would write it again when the backward pass recomputes it).
+    if isinstance(drive, str) or recomputes_layers(inner):
         return response_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy=with_entropy,
                                  entropy_grad=entropy_grad)
     prompt_ids, prompt_mask = input_ids[::G, :prompt_len], attention_mask[::G, :prompt_len]
@@ -243,6 +245,11 @@ def group_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not with_entropy:
         return logprobs, None
     return logprobs, entropy_from_logits(logits if entropy_grad else logits.detach())
+
+
+def recomputes_layers(model) -> bool:
+    """Whether this forward pass of `model` runs under gradient checkpointing (training, with gradients)."""
+    return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training and torch.is_grad_enabled()
 
 
 @dataclass
