@@ -1,4 +1,4 @@
-"""Batch order as a pure function of (seed, step), and right-padded tensors for training.
+"""Batch order as a pure function of (seed, step), and padded tensors for training.
 
 The stream of example indices is an endless run of seeded permutations (one per epoch); optimizer step `s` takes items
 `s*B .. s*B+B-1` of it. So the data position of a run is its step number alone: resuming needs no sampler state, and
@@ -57,3 +57,36 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     batch["margin"] = torch.tensor([p[2] for p in pairs], dtype=torch.float32)
     batch["num_items"] = len(pairs)
     return batch
+
+
+def shared_prompt_len(chosen, rejected) -> int:
+    """How many leading tokens a pair's two encoded sequences share before either carries loss: their common prompt."""
+    n, limit = 0, min(len(chosen.input_ids), len(rejected.input_ids))
+    while (n < limit and chosen.input_ids[n] == rejected.input_ids[n] and not chosen.loss_mask[n]
+           and not rejected.loss_mask[n]):
+        n += 1
+    return n
+
+
+def collate_pairs_shared(pairs: list, pad_id: int) -> dict | None:
+    """Encoded pairs (chosen, rejected, margin) laid out so that each pair's prompt can be computed once for its two
+    responses: rows 2i and 2i + 1 are pair i's chosen and rejected sequence, its shared prompt left-padded to P and
+    the rest right-padded to R. input_ids, attention_mask (2B, P + R); response_mask (2B, R) True where a token's
+    log-prob counts; prompt_len P; num_items B. None when a pair's sequences share no first token (then
+    `collate_pairs`)."""
+    splits = [shared_prompt_len(chosen, rejected) for chosen, rejected, _ in pairs]
+    if min(splits) == 0:
+        return None
+    P = max(splits)
+    rows = [(sequence, n) for (chosen, rejected, _), n in zip(pairs, splits) for sequence in (chosen, rejected)]
+    R = max(len(sequence.input_ids) - n for sequence, n in rows)
+    input_ids = torch.full((len(rows), P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), P + R), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), R), dtype=torch.bool)
+    for i, (sequence, n) in enumerate(rows):
+        k = len(sequence.input_ids) - n
+        input_ids[i, P - n:P + k] = torch.tensor(sequence.input_ids, dtype=torch.long)
+        attention_mask[i, P - n:P + k] = 1
+        response_mask[i, :k] = torch.tensor(sequence.loss_mask[n:], dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "prompt_len": P, "num_items": len(pairs)}
