@@ -149,6 +149,31 @@ def test_disable_dropout_makes_train_mode_equal_eval_mode(arch, tokenizer, tiny_
     assert model.training
 
 
+# ------------------------------------------------------------------------------------------- frozen models in bf16
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_frozen_copy_for_bf16_keeps_bf16_linear_weights_and_the_same_results(arch, tokenizer, tiny_models):
+    """A reference or reward model placed for bf16 compute stores its linear layers in bf16 (autocast would cast them
+    at every call): under autocast its logits and scores are the float32 copy's bit for bit. The embeddings stay,
+    and so does gpt2's head, which is its input embedding."""
+    from rlhfkit.training.distributed import World, place_frozen
+
+    ids = torch.tensor([tokenizer("Item 3 is red. Human: hi")["input_ids"]])
+    loaders = [load_causal_lm] + ([load_sequence_classifier] if arch == "llama" else [])
+    for load in loaders:
+        model = load(str(tiny_models[arch]), tokenizer).eval().requires_grad_(False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(input_ids=ids).logits
+        frozen = place_frozen(model, World(), shard=False, dtype="bfloat16")
+        linear = {name: m.weight.dtype for name, m in frozen.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert frozen.get_input_embeddings().weight.dtype == torch.float32
+        if arch == "llama":
+            assert len(linear) > 8 and set(linear.values()) == {torch.bfloat16}
+        else:  # gpt2's blocks are Conv1D layers, its only Linear the tied head
+            assert linear == {"lm_head": torch.float32}
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(frozen(input_ids=ids).logits, expected)
+
+
 # --------------------------------------------------------------------------------------------------- stop handling
 def test_stop_string_ends_marks_the_completing_token(tokenizer):
     text = "Item 3 is red. Human: hi"

@@ -468,3 +468,4 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in vars(module).items():
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+
