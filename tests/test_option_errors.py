@@ -30,6 +30,7 @@ def no_model_loads(monkeypatch):
 
     # imported before models is patched, or a module imported now would keep `refuse` for good
     users = [importlib.import_module(name) for name in ("rlhfkit.sft.train", "rlhfkit.rm.train", "rlhfkit.ppo.train",
+                                                        "rlhfkit.grpo.train", "rlhfkit.dpo.train", "rlhfkit.rl.setup",
                                                         "rlhfkit.rm.evaluate", "rlhfkit.tools.chat",
                                                         "rlhfkit.tools.compare")]
     for module in [models, *users]:
