@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 import yaml
 
 from rlhfkit.config import make_config, option, require, require_seed, to_dict
