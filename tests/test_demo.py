@@ -202,3 +202,12 @@ def test_demo_runs_a_subset_of_algorithms(tmp_path):
     assert list(summary["trajectories"]) == ["dpo"] and not (out / "ppo").exists()
     page = (out / "report" / "index.html").read_text()
     assert page.count('<span class="pass">pass</span>') + page.count('<span class="fail">FAIL</span>') == 3
+
+
+def test_demo_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    (tmp_path / "taken").write_text("x")
+    assert main(["demo", "--quick", "--resume", "--output", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlhfkit demo: error: output: {tmp_path / 'taken'} is a file, not a folder")

@@ -71,6 +71,8 @@ class DemoConfig:
         require(bool(self.algorithms), f"algorithms: give one or more of {', '.join(BRANCHES)}")
         require(len(set(self.algorithms)) == len(self.algorithms), "algorithms: each name once")
         require(self.threads >= 0, f"threads: must be >= 0, got {self.threads}")
+        require(not Path(self.output).exists() or Path(self.output).is_dir(),
+                f"output: {self.output} is a file, not a folder")
 
 
 # Stage settings. Full: about the 10-minute budget on 2 CPU cores; quick: well under a minute of training.
@@ -172,6 +174,10 @@ def run_demo(config: DemoConfig) -> dict:
     # threads (other float rounding), nothing is kept.
     same = inputs is not None and _fingerprint(out) == inputs and earlier.get("threads") == threads
     rerun = set() if same else {"data"}
+    if config.resume and not same:
+        log.warning("resume: nothing kept: " + ("no record of an earlier run in the output folder (timings.json or "
+                                                "summary.json)" if not earlier else "its data, initial model or "
+                                                "thread count differ from this run's"))
     stages = stage_configs(files, out, config.seed, size, dtype)
     runners = {"pretrain": (SFTConfig, run_sft), "sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
                "ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "grpo_gold": (GRPOConfig, run_grpo),
