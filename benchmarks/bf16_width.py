@@ -14,11 +14,15 @@ import sys
 import time
 
 
-def one(hidden: int, dtype: str, steps: int, batch: int, length: int) -> float:
+def one(hidden: int, dtype: str, steps: int, batch: int, length: int, plain_attention: bool = False) -> float:
     """Median seconds per step of `steps` timed steps after 3 warm-up steps."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from rlhfkit.models import sdpa_float32_on_cpu_bf16_backward
+
+    if not plain_attention:
+        sdpa_float32_on_cpu_bf16_backward()  # what rlhfkit's model loaders install
     torch.manual_seed(0)
     heads = max(4, hidden // 64)
     config = LlamaConfig(vocab_size=600, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
@@ -46,10 +50,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--length", type=int, default=48)
+    parser.add_argument("--plain-attention", action="store_true",
+                        help="transformers' sdpa as is (bf16 attention backward), not rlhfkit's float32 one")
     parser.add_argument("--one", nargs=2, metavar=("HIDDEN", "DTYPE"), help=argparse.SUPPRESS)  # a worker process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), args.one[1], args.steps, args.batch, args.length)))
+        print(json.dumps(one(int(args.one[0]), args.one[1], args.steps, args.batch, args.length,
+                             args.plain_attention)))
         return
     print("hidden | float32 ms/step | bfloat16 ms/step | bf16 speed-up")
     for hidden in (int(h) for h in args.hidden.split(",")):
@@ -57,7 +64,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for dtype in seconds:  # alternating, each in a fresh process
                 out = subprocess.run([sys.executable, __file__, "--one", str(hidden), dtype, "--steps",
-                                      str(args.steps), "--batch", str(args.batch), "--length", str(args.length)],
+                                      str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
+                                     + ["--plain-attention"] * args.plain_attention,
                                      check=True, capture_output=True, text=True).stdout
                 seconds[dtype].append(json.loads(out.splitlines()[-1]))
         fp32, bf16 = (sorted(v)[len(v) // 2] for v in seconds.values())

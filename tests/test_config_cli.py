@@ -218,10 +218,10 @@ def test_dtype_auto_follows_the_hardware_and_the_model_width(monkeypatch, tmp_pa
     monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ("amx_bf16", "avx512_bf16"))
     models._log_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="rlhfkit"):
-        assert models.resolve_dtype("auto", "cpu", 256) == "bfloat16"
-        assert models.resolve_dtype("auto", "cpu", 128) == "float32"  # too narrow to gain from bf16
+        assert models.resolve_dtype("auto", "cpu", 64) == "bfloat16"
+        assert models.resolve_dtype("auto", "cpu", 32) == "float32"  # too narrow to gain from bf16
     assert "dtype auto: bfloat16 (this CPU has amx_bf16 and avx512_bf16)" in caplog.messages
-    assert ("dtype auto: float32 (this CPU has amx_bf16 and avx512_bf16, but at hidden size 128 (< 256) bf16 autocast "
+    assert ("dtype auto: float32 (this CPU has amx_bf16 and avx512_bf16, but at hidden size 32 (< 64) bf16 autocast "
             "measured slower than float32)") in caplog.messages
     assert models.resolve_dtype("auto", "cpu", None) == "bfloat16"  # width unknown (a hub id): the capability decides
     assert models.resolve_dtype("float32", "cpu", 4096) == "float32"

@@ -519,6 +519,36 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, t
         torch.testing.assert_close(grad_b[name], grad_a[name], atol=1e-6, rtol=0)
 
 
+def test_cpu_bf16_attention_is_float32_where_gradients_flow(tiny_models, tokenizer):
+    """torch's CPU flash-attention backward is several times slower in bf16 than in float32 (README "bf16 on CPUs"),
+    so rlhfkit's loaders make `sdpa` compute in float32 where a backward pass will go through it; forward-only passes
+    (sampling, reference and reward scoring) keep bf16."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    attention, module = ALL_ATTENTION_FUNCTIONS["sdpa"], model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    # What a layer hands it under autocast: q and k in float32 (out of the rotary embedding), v in bf16.
+    q, k, v = (torch.randn(2, heads, 7, dim, generator=g) for _ in range(3))
+    v = v.bfloat16()
+    kw = dict(dropout=0.0, scaling=module.scaling)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = sdpa_attention_forward(module, q, k, v, None, **kw)  # transformers' own: bf16 inside
+        forward_only, _ = attention(module, q, k, v, None, **kw)
+        q_trained = q.clone().requires_grad_()
+        trained, _ = attention(module, q_trained, k, v, None, **kw)
+    q_exact = q.clone().requires_grad_()
+    exact, _ = sdpa_attention_forward(module, q_exact, k, v.float(), None, **kw)
+    assert forward_only.dtype == trained.dtype == torch.bfloat16
+    assert torch.equal(forward_only, plain)
+    assert torch.equal(trained, exact.bfloat16()) and not torch.equal(trained, plain)
+    trained.float().pow(2).sum().backward()
+    exact.bfloat16().float().pow(2).sum().backward()
+    assert torch.equal(q_trained.grad, q_exact.grad)
+
+
 def test_rows_per_pass_fills_the_token_budget():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert rows_per_pass(4, 0, 1000, cpu) == 4  # an explicit micro_batch_size wins
