@@ -295,7 +295,7 @@ def test_group_forward_under_gradient_checkpointing_takes_whole_rows(tokenizer):
 
     plain = tiny_lm("llama", tokenizer)
     checkpointed = tiny_lm("llama", tokenizer)
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     torch.manual_seed(3)
     rollout = generate(plain, prompts_of(tokenizer), tokenizer, Sampling(max_new_tokens=5, samples_per_prompt=2))
     mask = rollout.response_mask

@@ -508,7 +508,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, t
     for checkpointing in (False, True):
         model = load_causal_lm(str(tiny_models["llama"]), tokenizer, gradient_checkpointing=checkpointing)
         model.train()
-        assert model.is_gradient_checkpointing == checkpointing
+        assert rlhfkit_models.checkpoints_activations(model) == checkpointing
         loss, _ = sft_train.sft_loss(model, batch)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

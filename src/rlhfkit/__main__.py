@@ -1,5 +1,3 @@
-import sys
+from rlhfkit.cli import exit_with, main
 
-from rlhfkit.cli import main
-
-sys.exit(main())
+exit_with(main())

@@ -177,9 +177,22 @@ def _fit_vocab(model, tokenizer, seed: int) -> None:
 
 def _finish(model, gradient_checkpointing: bool):
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model
+
+
+def checkpoints_activations(model) -> bool:
+    """Whether `model` recomputes its layers' activations in the backward pass (gradient checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the new name first: the old warns
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from rlhfkit.data.batching import chunks
 from rlhfkit.logprobs import logprobs_from_logits
-from rlhfkit.models import position_ids, token_values
+from rlhfkit.models import checkpoints_activations, position_ids, token_values
 from rlhfkit.rl.core import entropy_from_logits, truncate_after_stop
 from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
 
@@ -249,7 +249,7 @@ def group_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def recomputes_layers(model) -> bool:
     """Whether this forward pass of `model` runs under gradient checkpointing (training, with gradients)."""
-    return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training and torch.is_grad_enabled()
+    return checkpoints_activations(model) and model.training and torch.is_grad_enabled()
 
 
 @dataclass
