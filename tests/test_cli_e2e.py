@@ -149,3 +149,15 @@ def test_rm_with_lora_on_sft_model_then_eval_rm(sft_run, work):
     scores = [p["chosen_score"] for p in report["pairs"]] + [p["rejected_score"] for p in report["pairs"]]
     assert sum(scores) / len(scores) == pytest.approx(stats["mean"], abs=1e-5)
     assert f"accuracy {metrics['accuracy']:.4f} on 16 pairs" in proc.stdout
+
+
+def test_a_rank_of_a_torchrun_job_keeps_its_exit_code_and_output(tmp_path):
+    """A rank leaves without interpreter teardown (cli.exit_with): its exit code and everything it printed, to a pipe
+    (stdout block-buffered), still arrive."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "stages:" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit", "stf"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown command 'stf' (did you mean sft?)" in proc.stderr
