@@ -79,7 +79,7 @@ class DemoConfig:
 MODEL = {"full": dict(hidden=128, layers=4, heads=4, ffn=512), "quick": dict(hidden=32, layers=2, heads=4, ffn=64)}
 # snapshots: the RL runs write their policy this many times along training, for the over-optimisation picture;
 # trajectory_prompts: the held-out prompts those snapshots are evaluated on (the first ones, the same for all).
-STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=50, dpo=125, eval_prompts=240, snapshots=5,
+STEPS = {"full": dict(pretrain=400, sft=300, rm=400, ppo=70, grpo=50, dpo=250, eval_prompts=240, snapshots=5,
                       trajectory_prompts=96),
          "quick": dict(pretrain=20, sft=10, rm=10, ppo=3, grpo=2, dpo=3, eval_prompts=24, snapshots=2,
                        trajectory_prompts=8)}
@@ -98,11 +98,13 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
                     eval_every=100),
         # lr 1e-3 on 4,000 pairs reached 0.846 / 0.842 held-out accuracy on seeds 0 / 2 (0.913 on seed 0 in bf16:
         # a knife edge); lr 3e-4 reached 0.883 / 0.933, and with 8,000 pairs (each seen 1.6 times instead of 3.2, so
-        # fewer repeats of the flipped labels) 0.950 / 0.863 on seeds 0 / 1; lr 5e-4 on those 8,000 pairs 0.979 /
-        # 0.929 (a constant 3e-4: 0.896 on seed 1; 2e-3 on 4,000 pairs: 0.754 on seed 0).
+        # fewer repeats of the flipped labels) 0.950 / 0.863 on seeds 0 / 1. lr 5e-4 after 10 warm-up steps reached
+        # 0.871-0.983 on the float32 rows but stalled near chance (0.604, loss ~ln 2 for 370 steps) on one bf16 row
+        # (seed 1, 1 thread); 3e-4 after 40 warm-up steps reached 0.887 there and 0.908-0.967 on 8 other SFT models
+        # (0.892-0.983 with 5e-4 / 10).
         "rm": dict(common, model=str(out / "sft" / "final"), data=[str(data["pairs"])], output=str(out / "rm"),
-                   eval_data=[str(data["eval_pairs"])], max_steps=steps["rm"], batch_size=32, lr=5e-4,
-                   warmup_steps=10, max_len=96, eval_every=50),
+                   eval_data=[str(data["eval_pairs"])], max_steps=steps["rm"], batch_size=32, lr=3e-4,
+                   warmup_steps=40, max_len=96, eval_every=50),
         "ppo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
                     prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                     monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
@@ -124,14 +126,15 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
     }
     stages["grpo_gold"] = dict(stages["grpo"], reward="", reward_fn=["rlhfkit.demo.task:gold_reward"], monitor_fn="",
                                output=str(out / "grpo_gold"))
-    # 4,000 of the reward model's pairs (one epoch when there were 4,000). Tuned on two SFT models of seed 0: at lr
-    # 1e-4, beta 0.1 / 0.3 / 1.0 / 2.0 won 0.575 / 0.613 / 0.635 / 0.577 over SFT on one (beta 2 barely moved: KL
-    # 0.19), beta 0.5 / 1.0 won 0.610 / 0.592 on the other; lr 3e-5 and 2e-4 won less (0.60, 0.55), a second epoch
-    # added nothing (0.633), and neither label smoothing 0.1 (cDPO 0.579, robust 0.585), IPO (0.538) nor RPO's NLL
-    # term (0.590) helped.
+    # One epoch of the reward model's 8,000 pairs at beta 1.0. Tuned on SFT models of seeds 0 and 1 at lr 1e-4: on 4,000
+    # pairs, beta 0.1 / 0.3 / 1.0 / 2.0 won 0.575 / 0.613 / 0.635 / 0.577 over SFT on one (beta 2 barely moved: KL
+    # 0.19); lr 3e-5 and 2e-4 won less (0.60, 0.55), a second epoch added nothing (0.633), and neither label
+    # smoothing 0.1 (cDPO 0.579, robust 0.585), IPO (0.538) nor RPO's NLL term (0.590) helped. On the hardest row
+    # (seed 1, bf16) beta 0.5 on 4,000 pairs won 0.554, beta 1.0 on 4,000 0.565, beta 0.5 on 8,000 0.579, beta 1.0 on
+    # 8,000 0.631; on three other rows beta 1.0 on 8,000 lifted 0.619-0.667 to 0.646-0.683.
     stages["dpo"] = dict(common, model=str(out / "sft" / "final"), data=[str(data["pairs"])],
                          eval_data=[str(data["eval_pairs"])], output=str(out / "dpo"), max_steps=steps["dpo"],
-                         batch_size=32, lr=1e-4, beta=0.5, warmup_steps=10, lr_schedule="constant", max_len=96,
+                         batch_size=32, lr=1e-4, beta=1.0, warmup_steps=10, lr_schedule="constant", max_len=96,
                          eval_every=50)
     return stages
 
