@@ -4,8 +4,11 @@ those whose summary.json exists) and prints one markdown row per run with every 
     python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 2 --dtypes float32 --out runs/robust
     python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 1 --dtypes float32 --parallel 2 --out runs/robust
     python benchmarks/demo_robustness.py --out runs/robust --table-only
+    python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 2 --dtypes bfloat16 --out runs/robust --resume
 
 `--parallel 2` runs two one-thread demos at once (one per core; their wall times are then not the demo's).
+`--resume` reruns rows that have a summary too, with `rlhfkit demo --resume`: after a change to one stage, each row
+keeps the stages it did not touch (their timings too, so the wall column stays the whole demo's).
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from pathlib import Path
 from rlhfkit.demo.report import acceptance
 
 
-def run_one(out: Path, seed: int, threads: int, dtype: str) -> Path:
+def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False) -> Path:
     folder = out / f"s{seed}-t{threads}-{dtype}"
-    if not (folder / "summary.json").exists():
+    if resume or not (folder / "summary.json").exists():
         with open(folder.with_suffix(".log"), "w") as log:
             subprocess.run([sys.executable, "-m", "rlhfkit", "demo", "--seed", str(seed), "--threads", str(threads),
-                            "--dtype", dtype, "--output", str(folder)], stdout=log, stderr=subprocess.STDOUT,
-                           check=True)
+                            "--dtype", dtype, "--output", str(folder), *(["--resume"] if resume else [])],
+                           stdout=log, stderr=subprocess.STDOUT, check=True)
     return folder
 
 
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="demos at once (use with --threads 1 only)")
     parser.add_argument("--out", default="runs/robust")
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
+    parser.add_argument("--resume", action="store_true", help="rerun finished rows too, keeping their unchanged "
+                                                              "stages (rlhfkit demo --resume)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +70,7 @@ def main() -> None:
         jobs = [(int(s), int(t), d) for d in args.dtypes.split(",") for t in args.threads.split(",")
                 for s in args.seeds.split(",")]
         with ThreadPoolExecutor(args.parallel) as pool:
-            for folder in pool.map(lambda job: run_one(out, *job), jobs):
+            for folder in pool.map(lambda job: run_one(out, *job, args.resume), jobs):
                 print(f"done: {folder}", flush=True)
     print(HEADER)
     for path in sorted(out.glob("*/summary.json")):
