@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from rlhfkit.data.loading import load_examples
-from rlhfkit.demo.run import mean_ci, win_rate
+from rlhfkit.demo.run import mean_ci, per_prompt, win_rate
 from rlhfkit.demo.task import (MIN_GAP, SFT_MIX, Facts, fact_sentences, fact_table, gold_reward, gold_score,
                                make_task, response, subject_of)
 
@@ -112,6 +112,8 @@ def test_mean_ci_and_win_rate_by_hand():
     ci = mean_ci([1.0, 2.0, 3.0, 4.0])
     assert ci["mean"] == 2.5 and ci["ci95"] == pytest.approx(1.96 * math.sqrt(5 / 3) / 2, abs=1e-12)
     assert win_rate([1, 2, 3, 0], [0, 2, 4, -1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    # two prompts, three draws each: draw j of prompt i at j * 2 + i
+    assert per_prompt([1.0, 10.0, 2.0, 20.0, 6.0, 60.0], 2) == [3.0, 30.0]
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -152,16 +154,18 @@ def test_demo_quick_end_to_end(tmp_path):
     assert eval_rm["metrics"]["accuracy"] == summary["rm_accuracy"]
     assert len(eval_rm["pairs"]) == len((out / "data" / "eval_pairs.jsonl").read_text().splitlines())
     compare = json.loads((out / "eval" / "compare.json").read_text())
-    assert len(compare["rows"]) == summary["eval_prompts"] == 24
+    assert summary["eval_prompts"] == 24 and summary["eval_samples"] == 2 and len(compare["rows"]) == 48
+    assert [row["prompt"] for row in compare["rows"][:24]] == [row["prompt"] for row in compare["rows"][24:]]
+    gold = {name: [row["responses"][name]["gold"] for row in compare["rows"]] for name in summary["gold"]}
     for name in ("base", "sft", "ppo", "grpo", "grpo_gold", "dpo"):
-        gold = [row["responses"][name]["gold"] for row in compare["rows"]]
-        assert summary["gold"][name] == mean_ci(gold)
+        assert summary["gold"][name] == mean_ci([(gold[name][i] + gold[name][i + 24]) / 2 for i in range(24)])
         rm = [row["responses"][name]["score"] for row in compare["rows"]]
         assert summary["rm_score"][name] == pytest.approx(sum(rm) / len(rm), abs=1e-9)
     # KL of a model to itself is 0; the summary's KL is the mean log-ratio over the model's own responses.
     from rlhfkit.demo.run import kl_to_sft
 
-    prompts = load_examples([str(out / "data" / "eval_prompts.jsonl")], "prompt").examples
+    assert summary["win_rate"]["dpo_vs_sft"] == win_rate(gold["dpo"], gold["sft"])  # over prompts and draws
+    prompts = load_examples([str(out / "data" / "eval_prompts.jsonl")], "prompt").examples * 2
     grpo_rows = [row["responses"]["grpo"] for row in compare["rows"]]
     assert kl_to_sft(out / "sft" / "final", out / "sft" / "final", prompts, grpo_rows) == 0.0
     assert kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows) == summary["kl_to_sft"]["grpo"]

@@ -255,13 +255,14 @@ def overview(summary: dict) -> str:
             change = 100 * (loss[name] - loss["sft"]) / loss["sft"]
             rows.append([f"corpus loss SFT → {esc(name)}", f"{num(loss['sft'])} → {num(loss[name])} ({change:+.1f}%)"])
     if "eval_prompts" in summary:
-        rows.append(["held-out prompts", esc(summary["eval_prompts"])])
+        rows.append(["held-out prompts x answers per model", esc(f"{summary['eval_prompts']} x "
+                                                                   f"{summary.get('eval_samples', 1)}")])
     timings = summary.get("timings_s") or {}
     if timings:
         total = sum(timings.values())
         rows.append(["total wall time", f"{total:.1f} s ({int(total // 60)} min {total % 60:.0f} s)"])
     # Keys added to summary.json later still show up, as long as they are plain numbers.
-    known = {"seed", "threads", "rm_accuracy", "eval_prompts"}
+    known = {"seed", "threads", "rm_accuracy", "eval_prompts", "eval_samples"}
     rows += [[esc(k), num(v)] for k, v in summary.items()
              if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return table(["measure", "value"], rows)
