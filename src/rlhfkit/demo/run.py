@@ -285,8 +285,9 @@ def sample_and_judge(models: dict[str, Path], prompts: list, seed: int, max_new_
     score), each answer also scored by the gold judge."""
     from rlhfkit.tools.compare import compare_models
 
+    # 120 rows per generate call: a decoding step of the demo's small model costs about as much for 120 rows as for 48
     rows = compare_models({name: str(path) for name, path in models.items()}, prompts, temperature=1.0, seed=seed,
-                          max_new_tokens=max_new_tokens, batch_size=48, reward_model=str(rm_dir))
+                          max_new_tokens=max_new_tokens, batch_size=120, reward_model=str(rm_dir))
     for p, row in zip(prompts, rows):
         facts = Facts(**{k: p.extra[k] for k in ("color", "place", "size")})
         for response in row["responses"].values():
