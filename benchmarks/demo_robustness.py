@@ -36,7 +36,7 @@ def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False
 def row(summary: dict) -> str:
     checks = acceptance(summary)
     wins, kl = summary["win_rate"], summary.get("kl_to_sft", {})
-    cells = [summary["seed"], summary.get("threads", "?"), summary.get("dtype", "?"),
+    cells = [summary["seed"], summary.get("threads", "?"), summary.get("dtype", "?"), summary.get("eval_samples", 1),
              f"{summary['rm_accuracy']:.3f}", f"{wins['sft_vs_base']:.3f}"]
     cells += [f"{wins[k]:.3f}" if k in wins else "" for k in ("ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft",
                                                               "dpo_vs_sft")]
@@ -48,9 +48,9 @@ def row(summary: dict) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-HEADER = ("| seed | threads | dtype | RM accuracy | SFT over base | PPO over SFT | GRPO (RM) over SFT | GRPO (gold) over "
-          "SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | acceptance | wall |\n"
-          "|" + "---|" * 13)
+HEADER = ("| seed | threads | dtype | answers per prompt | RM accuracy | SFT over base | PPO over SFT | GRPO (RM) over "
+          "SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | acceptance | wall |\n"
+          "|" + "---|" * 14)
 
 
 def main() -> None:
