@@ -7,10 +7,14 @@ import math
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from rlhfkit.data.loading import load_examples
+from rlhfkit.data.readers import DataError
 from rlhfkit.demo.run import mean_ci, per_prompt, win_rate
 from rlhfkit.demo.task import (MIN_GAP, SFT_MIX, Facts, fact_sentences, fact_table, gold_reward, gold_score,
                                make_task, response, subject_of)
@@ -120,8 +124,13 @@ def test_demo_quick_end_to_end(tmp_path):
     from rlhfkit.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    # On 2 threads the stages after SFT run two at a time, one thread each, in worker processes.
+    assert summary["jobs"] == 2 and summary["stage_threads"] == {"pretrain": 2, "sft": 2, "rm": 1, "ppo": 1, "grpo": 1,
+                                                                 "grpo_gold": 1, "dpo": 1}
+    assert 0 < summary["wall_s"] < sum(summary["timings_s"].values())
+    assert "rm: 100%" in (out / "logs" / "rm.log").read_text()
     for name in ("base", "sft", "ppo", "grpo", "grpo_gold", "dpo"):
         g = summary["gold"][name]
         assert -7 <= g["mean"] <= 4 and 0 <= g["ci95"] < 5
@@ -132,7 +141,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 0 <= summary["rm_accuracy"] <= 1
     assert all(math.isfinite(v) and v > 0 for v in summary["corpus_loss"].values())
     assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "ppo", "grpo", "grpo_gold", "dpo", "evaluate"}
-    assert summary["dtype"] == "float32" and summary["threads"] >= 1  # auto on a CPU without bf16 (conftest)
+    assert summary["dtype"] == "float32" and summary["threads"] == 2  # auto on a CPU without bf16 (conftest)
     names = ["base", "sft", "ppo", "grpo", "grpo_gold", "dpo"]
     assert list(summary["response_tokens"]) == list(summary["eos_rate"]) == list(summary["gold"]) == names
     # The over-optimisation picture: every RL run from SFT (KL 0) through its snapshots; DPO one point.
@@ -174,33 +183,52 @@ def test_demo_quick_end_to_end(tmp_path):
     ppo = summary["gold"]["ppo"]
     assert f"<td>ppo</td><td>{ppo['mean']:.2f} ± {ppo['ci95']:.2f}</td>" in page  # the comparison table leads
 
+    # A stage in a worker is the stage a user runs on that many threads: the reward model again, here, on 1 thread.
+    from safetensors.torch import load_file
+
+    from rlhfkit.rm.train import RMConfig, run_rm
+    from rlhfkit.config import make_config
+
+    rm = yaml.safe_load((out / "rm" / "config.yaml").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_rm(make_config(RMConfig, {**rm, "output": str(tmp_path / "rm")}))
+    finally:
+        torch.set_num_threads(threads)
+    here, there = (load_file(folder / "final" / "model.safetensors") for folder in (tmp_path / "rm", out / "rm"))
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+
     # The same seed gives the same numbers: only the wall times differ.
-    assert main(["demo", "--quick", "--output", str(tmp_path / "again")]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
-    assert {k: v for k, v in again.items() if k != "timings_s"} == {k: v for k, v in summary.items() if k != "timings_s"}
+    timing = {"timings_s", "wall_s"}
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
 
     # --resume keeps every finished stage whose config and inputs are unchanged and reruns the rest: GRPO on the gold
     # judge, its final model gone, reruns alone; the numbers are those of the uninterrupted run.
     shutil.rmtree(tmp_path / "again" / "grpo_gold" / "final")
     (tmp_path / "again" / "summary.json").unlink()  # the stage seconds of kept stages come from timings.json
-    assert main(["demo", "--quick", "--resume", "--output", str(tmp_path / "again")]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--resume", "--output", str(tmp_path / "again")]) == 0
     resumed = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert resumed["kept"] == ["pretrain", "sft", "rm", "ppo", "grpo", "dpo"] and summary["kept"] == []
     assert {k: resumed["timings_s"][k] for k in resumed["kept"]} == {k: again["timings_s"][k] for k in resumed["kept"]}
     assert (tmp_path / "again" / "grpo_gold" / "final" / "config.json").is_file()
-    skip = {"timings_s", "kept"}
+    skip = {"timings_s", "kept", "wall_s"}
     assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
 
 
 def test_demo_runs_a_subset_of_algorithms(tmp_path):
     """`algorithms=["dpo"]` (from Python here): base, SFT and the reward model (the evaluation's judge of RM scores),
-    then DPO only."""
+    then DPO only; `jobs=1`: one stage after another in this process."""
     import rlhfkit
 
     out = tmp_path / "demo"
-    run = rlhfkit.demo(quick=True, algorithms=["dpo"], output=str(out))
+    run = rlhfkit.demo(quick=True, algorithms=["dpo"], output=str(out), jobs=1)
     summary = json.loads((out / "summary.json").read_text())
     assert run.result == summary and run.output == out and run.config.dtype == "auto"
+    assert summary["jobs"] == 1 and set(summary["stage_threads"].values()) == {summary["threads"]}  # all in-process
+    assert not (out / "logs").exists()
     assert list(summary["gold"]) == ["base", "sft", "dpo"] and list(summary["win_rate"]) == ["sft_vs_base", "dpo_vs_sft"]
     assert set(summary["timings_s"]) == {"data", "pretrain", "sft", "rm", "dpo", "evaluate"}
     assert list(summary["trajectories"]) == ["dpo"] and not (out / "ppo").exists()
@@ -215,3 +243,38 @@ def test_demo_output_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["demo", "--quick", "--resume", "--output", str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"rlhfkit demo: error: output: {tmp_path / 'taken'} is a file, not a folder")
+
+
+def _write_stage(config) -> None:
+    Path(config.output).mkdir(parents=True)
+    (Path(config.output) / "done").write_text(str(torch.get_num_threads()))
+
+
+def _stage_after_a(config) -> None:
+    assert (Path(config.output).parent / "a" / "done").is_file(), "b started before a finished"
+    _write_stage(config)
+
+
+def _failing_stage(config) -> None:
+    raise DataError(None, "prompt", f"{config.output}: no prompt")
+
+
+def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
+    """run_stages: a stage starts once those it depends on finished, on the threads it was given; the first stage
+    that fails stops the others, its message (a DataError, whose class the parent cannot rebuild) named by stage."""
+    from types import SimpleNamespace
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.demo.schedule import run_stages
+
+    def build(name):
+        return SimpleNamespace(output=str(tmp_path / name), max_steps=1)
+
+    ended = []
+    run_stages({"a": _write_stage, "b": _stage_after_a}, build, {"b": ("a",)}, set(), 2, 1, tmp_path / "logs",
+               lambda name, seconds: ended.append(name))
+    assert ended == ["a", "b"] and (tmp_path / "b" / "done").read_text() == "1"
+    with pytest.raises(ConfigError, match=r"^c: field 'prompt': .*c: no prompt$"):
+        run_stages({"c": _failing_stage, "d": _write_stage}, build, {"d": ("c",)}, set(), 2, 1, tmp_path / "logs",
+                   lambda name, seconds: ended.append(name))
+    assert ended == ["a", "b"] and not (tmp_path / "d").exists()

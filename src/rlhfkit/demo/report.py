@@ -247,8 +247,8 @@ def overview(summary: dict) -> str:
     """What the comparison table does not show: the run's settings, the reward model's accuracy, PTX's effect and the
     wall time."""
     loss = summary["corpus_loss"]
-    rows = [["seed, dtype, threads", esc(f"{summary.get('seed', '?')}, {summary.get('dtype', '?')}, "
-                                         f"{summary.get('threads', '?')}")],
+    rows = [["seed, dtype, threads, stages at a time", esc(f"{summary.get('seed', '?')}, {summary.get('dtype', '?')}, "
+                                                           f"{summary.get('threads', '?')}, {summary.get('jobs', 1)}")],
             ["reward model accuracy (held-out pairs)", num(summary["rm_accuracy"])]]
     for name in PTX_BRANCHES:
         if name in loss:
@@ -257,12 +257,11 @@ def overview(summary: dict) -> str:
     if "eval_prompts" in summary:
         rows.append(["held-out prompts x answers per model", esc(f"{summary['eval_prompts']} x "
                                                                    f"{summary.get('eval_samples', 1)}")])
-    timings = summary.get("timings_s") or {}
-    if timings:
-        total = sum(timings.values())
+    total = summary.get("wall_s", sum((summary.get("timings_s") or {}).values()))
+    if total:
         rows.append(["total wall time", f"{total:.1f} s ({int(total // 60)} min {total % 60:.0f} s)"])
     # Keys added to summary.json later still show up, as long as they are plain numbers.
-    known = {"seed", "threads", "rm_accuracy", "eval_prompts", "eval_samples"}
+    known = {"seed", "threads", "jobs", "wall_s", "rm_accuracy", "eval_prompts", "eval_samples"}
     rows += [[esc(k), num(v)] for k, v in summary.items()
              if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return table(["measure", "value"], rows)
@@ -315,7 +314,11 @@ def timings_section(summary: dict) -> str:
         return note("No stage timings in summary.json.")
     total = sum(timings.values())
     rows = [[esc(k), num(v, 1), f"{100 * v / total:.0f}%" if total else ""] for k, v in timings.items()]
-    return table(["stage", "seconds", "share"], rows + [["total", num(total, 1), ""]])
+    text = table(["stage", "seconds", "share"], rows + [["total", num(total, 1), ""]])
+    if summary.get("jobs", 1) > 1:
+        text += note(f"The stages after SFT ran {summary['jobs']} at a time, so the stage seconds add up to more than "
+                     f"the wall time ({summary.get('wall_s', 0):.0f} s).")
+    return text
 
 
 def configs_section(out: Path) -> str:

@@ -26,6 +26,7 @@ from rlhfkit.config import make_config, option, require, require_seed, to_dict
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
 from rlhfkit.demo.report import comparison, write_report
+from rlhfkit.demo.schedule import run_stages
 from rlhfkit.demo.task import Facts, gold_score, make_task
 from rlhfkit.dpo.train import DPOConfig, run_dpo
 from rlhfkit.grpo.config import GRPOConfig
@@ -42,6 +43,10 @@ from rlhfkit.training.lm_loss import evaluate
 
 BRANCHES = ("ppo", "grpo", "grpo_gold", "dpo")  # the models tuned from the SFT model
 RL_BRANCHES = ("ppo", "grpo", "grpo_gold")  # those with snapshots along training
+SERIAL = ("pretrain", "sft")  # each needs the one before; the stages after them run `jobs` at a time
+# The order in which waiting stages take a free worker: the reward model first (PPO and GRPO wait on it), then the
+# longest. On 2 cores: rm ‖ dpo, then ppo ‖ grpo_gold, then grpo.
+PRIORITY = ("rm", "dpo", "ppo", "grpo", "grpo_gold")
 # What each stage's result depends on besides its own config: under --resume a stage is kept only if these were too.
 DEPENDS = {"pretrain": ("data",), "sft": ("pretrain",), "rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft", "rm"),
            "grpo_gold": ("sft",), "dpo": ("sft",)}
@@ -60,6 +65,9 @@ class DemoConfig:
                         choices=DTYPES)
     threads: int = option(0, "CPU threads torch uses (0 = its default, one per core); a seed's numbers repeat "
                              "exactly for the same threads and dtype on one machine")
+    jobs: int = option(0, "stages trained at once after SFT, each in a worker process on threads / jobs threads (0 = "
+                          "2 on a CPU with 2 or more threads, else 1; 1 = one after another in this process): the "
+                          "demo's small models keep one core busy, not two")
     resume: bool = option(False, "keep each stage of an earlier run in --output that finished with the same config "
                                  "on the same data and inputs (after a crash, or after changing a later stage's "
                                  "settings); the others and the evaluation rerun")
@@ -71,6 +79,9 @@ class DemoConfig:
         require(bool(self.algorithms), f"algorithms: give one or more of {', '.join(BRANCHES)}")
         require(len(set(self.algorithms)) == len(self.algorithms), "algorithms: each name once")
         require(self.threads >= 0, f"threads: must be >= 0, got {self.threads}")
+        require(self.jobs >= 0, f"jobs: must be >= 0, got {self.jobs}")
+        require(not self.threads or self.jobs <= self.threads,
+                f"jobs: {self.jobs} workers need at least as many threads, got threads {self.threads}")
         require(not Path(self.output).exists() or Path(self.output).is_dir(),
                 f"output: {self.output} is a file, not a folder")
 
@@ -153,11 +164,13 @@ def run_demo(config: DemoConfig) -> dict:
     size = "quick" if config.quick else "full"
     branches = [name for name in BRANCHES if name in config.algorithms]
     dtype = resolve_dtype(config.dtype, default_device(), MODEL[size]["hidden"])
-    log.info(f"demo: seed {config.seed}, {torch.get_num_threads()} threads, {dtype}, tuned from SFT: "
-             f"{', '.join(branches)}")
-    timings: dict[str, float] = {}
     threads = torch.get_num_threads()
-    earlier = _earlier_run(out) if config.resume else {}
+    jobs = config.jobs or (2 if threads >= 2 and default_device().type == "cpu" else 1)
+    log.info(f"demo: seed {config.seed}, {threads} threads, {dtype}, tuned from SFT: {', '.join(branches)}"
+             + (f"; after SFT {jobs} stages at a time, on {threads // jobs} of them each" if jobs > 1 else ""))
+    timings: dict[str, float] = {}
+    begun = time.perf_counter()
+    earlier = _earlier_run(out) if config.resume else {"threads": {}, "timings_s": {}}
     inputs = _fingerprint(out) if config.resume else None
 
     def timed(name: str, fn, *args):
@@ -178,34 +191,54 @@ def run_demo(config: DemoConfig) -> dict:
 
     files = timed("data", make_data)
     # Under --resume the data and the initial model are made again (a few seconds, byte for byte the same when the
-    # seed and the code are); if they differ from what the earlier run trained on, or it ran on another number of
-    # threads (other float rounding), nothing is kept.
-    same = inputs is not None and _fingerprint(out) == inputs and earlier.get("threads") == threads
+    # seed and the code are); if they differ from what the earlier run trained on, nothing is kept, nor is a stage
+    # that ran on another number of threads (other float rounding).
+    same = inputs is not None and _fingerprint(out) == inputs
     rerun = set() if same else {"data"}
     if config.resume and not same:
-        log.warning("resume: nothing kept: " + ("no record of an earlier run in the output folder (timings.json or "
-                                                "summary.json)" if not earlier else "its data, initial model or "
-                                                "thread count differ from this run's"))
+        why = ("its data or initial model differ from this run's" if earlier["timings_s"] else
+               "no record of an earlier run in the output folder (timings.json or summary.json)")
+        log.warning(f"resume: nothing kept: {why}")
     stages = stage_configs(files, out, config.seed, size, dtype)
     runners = {"pretrain": (SFTConfig, run_sft), "sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm),
                "ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "grpo_gold": (GRPOConfig, run_grpo),
                "dpo": (DPOConfig, run_dpo)}
-    kept = []
-    for name in ("pretrain", "sft", "rm", *branches):
-        config_class, run = runners[name]
-        stage_config = make_config(config_class, stages[name])
-        if config.resume and not rerun & set(DEPENDS[name]) and _finished(out / name, stage_config):
-            log.info(f"--- demo stage: {name}: kept from the earlier run (same config and inputs)")
+    names = ("pretrain", "sft", "rm", *branches)
+    stage_threads = {name: threads if jobs == 1 or name in SERIAL else threads // jobs for name in names}
+    # A stage's config is made when it starts: checking it needs the models of the stages before it.
+    def build(name: str):
+        return make_config(runners[name][0], stages[name])
+
+    kept, todo = [], []
+    for name in names:
+        if (config.resume and not rerun & set(DEPENDS[name]) and earlier["threads"].get(name) == stage_threads[name]
+                and _finished(out / name, build(name))):
+            log.info(f"--- demo stage: {name}: kept from the earlier run (same config, inputs and threads)")
             timings[name] = earlier["timings_s"].get(name, 0.0)
             kept.append(name)
         else:
             rerun.add(name)
-            timed(name, run, stage_config)
-        (out / "timings.json").write_text(json.dumps({"threads": threads, "timings_s": timings}))
+            todo.append(name)
+    ran = {name: stage_threads[name] for name in kept}
+
+    def finished(name: str, seconds: float) -> None:
+        timings[name] = seconds
+        ran[name] = stage_threads[name]
+        (out / "timings.json").write_text(json.dumps({"threads": threads, "stage_threads": ran, "timings_s": timings}))
+
+    for name in [n for n in todo if jobs == 1 or n in SERIAL]:
+        timed(name, runners[name][1], build(name))
+        finished(name, timings[name])
+    at_once = sorted((n for n in todo if jobs > 1 and n not in SERIAL), key=PRIORITY.index)
+    if at_once:
+        run_stages({name: runners[name][1] for name in at_once}, build, DEPENDS, set(ran), jobs, threads // jobs,
+                   out / "logs", finished)
     summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"], branches,
                     STEPS[size]["eval_samples"], STEPS[size]["trajectory_prompts"])
-    summary = {"seed": config.seed, "dtype": dtype, "threads": threads, **summary,
-               "timings_s": timings, "kept": kept}
+    summary = {"seed": config.seed, "dtype": dtype, "threads": threads, "jobs": jobs, "stage_threads": ran, **summary,
+               "timings_s": timings, "kept": kept,
+               # what the demo takes from start to end: this run's seconds and those of the stages it kept
+               "wall_s": round(time.perf_counter() - begun + sum(timings[name] for name in kept), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out)
     _print_summary(summary, out, report)
@@ -231,14 +264,16 @@ def _finished(folder: Path, config) -> bool:
 
 
 def _earlier_run(out: Path) -> dict:
-    """The threads and stage seconds of the run in `out`: timings.json (written after each stage), else its summary."""
+    """The stage seconds and threads of the run in `out`: timings.json (written after each stage), else its summary.
+    (A run before `jobs` ran every stage on its one thread count.)"""
     for path in (out / "timings.json", out / "summary.json"):
         try:
             data = json.loads(path.read_text())
-            return {"threads": data["threads"], "timings_s": data["timings_s"]}
-        except (OSError, ValueError, KeyError, TypeError):
+            threads = data.get("stage_threads") or {name: data["threads"] for name in data["timings_s"]}
+            return {"threads": threads, "timings_s": data["timings_s"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-    return {}
+    return {"threads": {}, "timings_s": {}}
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -407,5 +442,5 @@ def _print_summary(summary: dict, out: Path, report: Path) -> None:
     console.print(f"summary: {out / 'summary.json'}")
     console.print(f"report: {report}")
     console.print(f"reward model accuracy on held-out pairs {summary['rm_accuracy']:.3f}; stage seconds "
-                  f"{summary['timings_s']}")
+                  f"{summary['timings_s']}; wall {summary['wall_s'] / 60:.1f} min")
     console.print(table)
