@@ -36,7 +36,8 @@ def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False
 def row(summary: dict) -> str:
     checks = acceptance(summary)
     wins, kl = summary["win_rate"], summary.get("kl_to_sft", {})
-    cells = [summary["seed"], summary.get("threads", "?"), summary.get("dtype", "?"), summary.get("eval_samples", 1),
+    cells = [summary["seed"], summary.get("threads", "?"), summary.get("jobs", 1), summary.get("dtype", "?"),
+             summary.get("eval_samples", 1),
              f"{summary['rm_accuracy']:.3f}", f"{wins['sft_vs_base']:.3f}"]
     cells += [f"{wins[k]:.3f}" if k in wins else "" for k in ("ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft",
                                                               "dpo_vs_sft")]
@@ -44,13 +45,14 @@ def row(summary: dict) -> str:
               " / ".join(f"{kl[k]:.2f}" for k in kl),
               "all pass" if all(ok for ok, _ in checks.values()) else
               "FAIL: " + ", ".join(k for k, (ok, _) in checks.items() if not ok),
-              f"{sum(summary['timings_s'].values()) / 60:.1f} min"]
+              f"{summary.get('wall_s', sum(summary['timings_s'].values())) / 60:.1f} min"]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-HEADER = ("| seed | threads | dtype | answers per prompt | RM accuracy | SFT over base | PPO over SFT | GRPO (RM) over "
-          "SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | acceptance | wall |\n"
-          "|" + "---|" * 14)
+HEADER = ("| seed | threads | stages at once | dtype | answers per prompt | RM accuracy | SFT over base | PPO over SFT "
+          "| GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | "
+          "acceptance | wall |\n"
+          "|" + "---|" * 15)
 
 
 def main() -> None:
