@@ -15,7 +15,7 @@ import yaml
 
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.readers import DataError
-from rlhfkit.demo.run import mean_ci, per_prompt, win_rate
+from rlhfkit.demo.evaluate import mean_ci, per_prompt, win_rate
 from rlhfkit.demo.task import (MIN_GAP, SFT_MIX, Facts, fact_sentences, fact_table, gold_reward, gold_score,
                                make_task, response, subject_of)
 
@@ -124,6 +124,7 @@ def test_demo_quick_end_to_end(tmp_path):
     from rlhfkit.cli import main
 
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert main(["demo", "--quick", "--threads", "2", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     # On 2 threads the stages after SFT run two at a time, one thread each, in worker processes.
@@ -171,13 +172,18 @@ def test_demo_quick_end_to_end(tmp_path):
         rm = [row["responses"][name]["score"] for row in compare["rows"]]
         assert summary["rm_score"][name] == pytest.approx(sum(rm) / len(rm), abs=1e-9)
     # KL of a model to itself is 0; the summary's KL is the mean log-ratio over the model's own responses.
-    from rlhfkit.demo.run import kl_to_sft
+    from rlhfkit.demo.evaluate import kl_to_sft
 
     assert summary["win_rate"]["dpo_vs_sft"] == win_rate(gold["dpo"], gold["sft"])  # over prompts and draws
     prompts = load_examples([str(out / "data" / "eval_prompts.jsonl")], "prompt").examples * 2
     grpo_rows = [row["responses"]["grpo"] for row in compare["rows"]]
     assert kl_to_sft(out / "sft" / "final", out / "sft" / "final", prompts, grpo_rows) == 0.0
-    assert kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows) == summary["kl_to_sft"]["grpo"]
+    torch.set_num_threads(1)  # the evaluation ran in a worker on 1 thread
+    try:
+        kl = kl_to_sft(out / "grpo" / "final", out / "sft" / "final", prompts, grpo_rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert kl == summary["kl_to_sft"]["grpo"]
     page = (out / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(list((out / "report").glob("*.png"))) == 10
     ppo = summary["gold"]["ppo"]
@@ -190,7 +196,6 @@ def test_demo_quick_end_to_end(tmp_path):
     from rlhfkit.config import make_config
 
     rm = yaml.safe_load((out / "rm" / "config.yaml").read_text())
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run_rm(make_config(RMConfig, {**rm, "output": str(tmp_path / "rm")}))
@@ -216,6 +221,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (tmp_path / "again" / "grpo_gold" / "final" / "config.json").is_file()
     skip = {"timings_s", "kept", "wall_s"}
     assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in summary.items() if k not in skip}
+    torch.set_num_threads(threads)
 
 
 def test_demo_runs_a_subset_of_algorithms(tmp_path):
@@ -245,14 +251,15 @@ def test_demo_output_that_is_a_file_is_one_line(tmp_path, capsys):
         f"rlhfkit demo: error: output: {tmp_path / 'taken'} is a file, not a folder")
 
 
-def _write_stage(config) -> None:
+def _write_stage(config) -> str:
     Path(config.output).mkdir(parents=True)
     (Path(config.output) / "done").write_text(str(torch.get_num_threads()))
+    return str(torch.get_num_threads())
 
 
-def _stage_after_a(config) -> None:
+def _stage_after_a(config) -> str:
     assert (Path(config.output).parent / "a" / "done").is_file(), "b started before a finished"
-    _write_stage(config)
+    return _write_stage(config)
 
 
 def _failing_stage(config) -> None:
@@ -260,8 +267,9 @@ def _failing_stage(config) -> None:
 
 
 def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
-    """run_stages: a stage starts once those it depends on finished, on the threads it was given; the first stage
-    that fails stops the others, its message (a DataError, whose class the parent cannot rebuild) named by stage."""
+    """run_stages: a stage starts once those it depends on finished, on the threads it was given, and its result comes
+    back; the first stage that fails stops the others, its message (a DataError, whose class the parent cannot
+    rebuild) named by stage."""
     from types import SimpleNamespace
 
     from rlhfkit.config import ConfigError
@@ -272,9 +280,9 @@ def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
 
     ended = []
     run_stages({"a": _write_stage, "b": _stage_after_a}, build, {"b": ("a",)}, set(), 2, 1, tmp_path / "logs",
-               lambda name, seconds: ended.append(name))
-    assert ended == ["a", "b"] and (tmp_path / "b" / "done").read_text() == "1"
+               lambda name, seconds, result: ended.append((name, result)))
+    assert ended == [("a", "1"), ("b", "1")] and (tmp_path / "b" / "done").read_text() == "1"
     with pytest.raises(ConfigError, match=r"^c: field 'prompt': .*c: no prompt$"):
         run_stages({"c": _failing_stage, "d": _write_stage}, build, {"d": ("c",)}, set(), 2, 1, tmp_path / "logs",
-                   lambda name, seconds: ended.append(name))
-    assert ended == ["a", "b"] and not (tmp_path / "d").exists()
+                   lambda name, seconds, result: ended.append(name))
+    assert len(ended) == 2 and not (tmp_path / "d").exists()

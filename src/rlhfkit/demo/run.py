@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -23,26 +22,24 @@ import torch
 import yaml
 
 from rlhfkit.config import make_config, option, require, require_seed, to_dict
-from rlhfkit.data.encode import EncodeStats, encode_conversation
-from rlhfkit.data.loading import load_examples
+from rlhfkit.demo.evaluate import summarize
+from rlhfkit.demo.evaluate import tasks as eval_tasks
 from rlhfkit.demo.report import comparison, write_report
 from rlhfkit.demo.schedule import run_stages
-from rlhfkit.demo.task import Facts, gold_score, make_task
+from rlhfkit.demo.task import make_task
 from rlhfkit.dpo.train import DPOConfig, run_dpo
 from rlhfkit.grpo.config import GRPOConfig
 from rlhfkit.grpo.train import run_grpo
-from rlhfkit.models import DTYPES, default_device, load_causal_lm, load_tokenizer, resolve_dtype
+from rlhfkit.models import DTYPES, default_device, resolve_dtype
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
 from rlhfkit.rm.train import RMConfig, run_rm
 from rlhfkit.sft.train import SFTConfig, run_sft
 from rlhfkit.tiny import make_tiny_model, train_tokenizer
 from rlhfkit.training.common import log, setup_logging
-from rlhfkit.training.lm_loss import evaluate
 
 
 BRANCHES = ("ppo", "grpo", "grpo_gold", "dpo")  # the models tuned from the SFT model
-RL_BRANCHES = ("ppo", "grpo", "grpo_gold")  # those with snapshots along training
 SERIAL = ("pretrain", "sft")  # each needs the one before; the stages after them run `jobs` at a time
 # The order in which waiting stages take a free worker: the reward model first (PPO and GRPO wait on it), then the
 # longest. On 2 cores: rm ‖ dpo, then ppo ‖ grpo_gold, then grpo.
@@ -220,8 +217,16 @@ def run_demo(config: DemoConfig) -> dict:
             rerun.add(name)
             todo.append(name)
     ran = {name: stage_threads[name] for name in kept}
+    # The evaluation's tasks (a model's answers, judged) start as soon as their models exist, in the same workers.
+    evaluation = eval_tasks(out, files, config.seed, stages["ppo"]["max_new_tokens"], branches,
+                            STEPS[size]["eval_samples"], STEPS[size]["trajectory_prompts"])
+    results: dict[str, object] = {}
 
-    def finished(name: str, seconds: float) -> None:
+    def finished(name: str, seconds: float, result=None) -> None:
+        if name in evaluation:
+            results[name] = result
+            timings["evaluate"] = round(timings.get("evaluate", 0.0) + seconds, 1)
+            return
         timings[name] = seconds
         ran[name] = stage_threads[name]
         (out / "timings.json").write_text(json.dumps({"threads": threads, "stage_threads": ran, "timings_s": timings}))
@@ -229,12 +234,22 @@ def run_demo(config: DemoConfig) -> dict:
     for name in [n for n in todo if jobs == 1 or n in SERIAL]:
         timed(name, runners[name][1], build(name))
         finished(name, timings[name])
-    at_once = sorted((n for n in todo if jobs > 1 and n not in SERIAL), key=PRIORITY.index)
-    if at_once:
-        run_stages({name: runners[name][1] for name in at_once}, build, DEPENDS, set(ran), jobs, threads // jobs,
+    if jobs == 1:
+        log.info("--- demo stage: evaluate")
+        for name, (judge, record, _) in evaluation.items():
+            start = time.perf_counter()
+            result = judge(record)
+            finished(name, time.perf_counter() - start, result)
+    else:
+        at_once = sorted((n for n in todo if n not in SERIAL), key=PRIORITY.index)
+        log.info(f"--- demo stage: evaluate ({len(evaluation)} tasks, each started in a worker once its models exist)")
+        run_stages({**{name: runners[name][1] for name in at_once}, **{k: v[0] for k, v in evaluation.items()}},
+                   lambda name: evaluation[name][1] if name in evaluation else build(name),
+                   {**DEPENDS, **{k: v[2] for k, v in evaluation.items()}}, set(ran), jobs, threads // jobs,
                    out / "logs", finished)
-    summary = timed("evaluate", evaluate_models, out, files, config.seed, stages["ppo"]["max_new_tokens"], branches,
-                    STEPS[size]["eval_samples"], STEPS[size]["trajectory_prompts"])
+    start = time.perf_counter()
+    summary = summarize(results, out, files, branches, STEPS[size]["eval_samples"])
+    timings["evaluate"] = round(timings["evaluate"] + time.perf_counter() - start, 1)
     summary = {"seed": config.seed, "dtype": dtype, "threads": threads, "jobs": jobs, "stage_threads": ran, **summary,
                "timings_s": timings, "kept": kept,
                # what the demo takes from start to end: this run's seconds and those of the stages it kept
@@ -274,156 +289,6 @@ def _earlier_run(out: Path) -> dict:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return {"threads": {}, "timings_s": {}}
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate_models(out: Path, files: dict[str, Path], seed: int, max_new_tokens: int, branches: list[str],
-                    samples: int, trajectory_prompts: int) -> dict:
-    """Gold scores of base, SFT and the tuned models' samples on the held-out prompts, `samples` answers per prompt;
-    win rates (model and SFT paired by prompt and draw); KL to SFT; RM accuracy; PTX check; the RL runs' trajectories
-    (`trajectories`). Writes eval/eval_rm.json and eval/compare.json (the tables of `rlhfkit eval-rm` and `rlhfkit
-    compare`; row j * n + i is draw j of prompt i, n prompts)."""
-    from rlhfkit.rm.evaluate import EvalRMConfig, run_eval_rm
-
-    (out / "eval").mkdir(exist_ok=True)
-    rm_dir = out / "rm" / "final"
-    rm_metrics = run_eval_rm(EvalRMConfig(model=str(rm_dir), data=[str(files["eval_pairs"])], max_len=96,
-                                          batch_size=64, show=5, dtype="float32",
-                                          output=str(out / "eval" / "eval_rm.json")))
-    prompts = load_examples([str(files["eval_prompts"])], "prompt").examples
-    models = {"base": out / "pretrain" / "final", "sft": out / "sft" / "final",
-              **{name: out / name / "final" for name in branches}}
-    drawn = prompts * samples  # the first n rows are each prompt's first draw, the next n its second, ...
-    rows = sample_and_judge(models, drawn, seed, max_new_tokens, rm_dir)
-    (out / "eval" / "compare.json").write_text(json.dumps({"models": {k: str(v) for k, v in models.items()},
-                                                           "rows": rows}, indent=1, ensure_ascii=False))
-    responses = {name: [row["responses"][name] for row in rows] for name in models}
-    gold = {name: [r["gold"] for r in rs] for name, rs in responses.items()}
-    return {
-        "gold": {name: mean_ci(per_prompt(values, len(prompts))) for name, values in gold.items()},
-        "rm_score": {name: mean([r["score"] for r in rs]) for name, rs in responses.items()},
-        "win_rate": {"sft_vs_base": win_rate(gold["sft"], gold["base"]),
-                     **{f"{name}_vs_sft": win_rate(gold[name], gold["sft"]) for name in branches}},
-        "kl_to_sft": {name: kl_to_sft(models[name], models["sft"], drawn, responses[name]) for name in branches},
-        "response_tokens": {name: mean([r["n_tokens"] for r in rs]) for name, rs in responses.items()},
-        "eos_rate": {name: mean([float(r["stopped"]) for r in rs]) for name, rs in responses.items()},
-        "rm_accuracy": rm_metrics["accuracy"],
-        "corpus_loss": {name: corpus_loss(models[name], files["corpus"]) for name in ["sft", *branches]},
-        "eval_prompts": len(prompts),
-        "eval_samples": samples,
-        "trajectories": trajectories(out, branches, prompts[:trajectory_prompts], seed, max_new_tokens, rm_dir),
-    }
-
-
-def sample_and_judge(models: dict[str, Path], prompts: list, seed: int, max_new_tokens: int, rm_dir: Path
-                     ) -> list[dict]:
-    """`rlhfkit compare`'s rows (one answer per prompt and model, sampled at temperature 1, with its reward-model
-    score), each answer also scored by the gold judge."""
-    from rlhfkit.tools.compare import compare_models
-
-    # 120 rows per generate call, not 48: the demo's evaluate stage (4 answers per prompt) took 64.9 s instead of 76.5
-    rows = compare_models({name: str(path) for name, path in models.items()}, prompts, temperature=1.0, seed=seed,
-                          max_new_tokens=max_new_tokens, batch_size=120, reward_model=str(rm_dir))
-    for p, row in zip(prompts, rows):
-        facts = Facts(**{k: p.extra[k] for k in ("color", "place", "size")})
-        for response in row["responses"].values():
-            response["gold"] = gold_score(p.prompt[-1].content, response["text"], facts)
-    return rows
-
-
-def trajectories(out: Path, branches: list[str], prompts: list, seed: int, max_new_tokens: int, rm_dir: Path
-                 ) -> dict[str, list[dict]]:
-    """Gao et al.'s over-optimisation picture: for each RL run, the gold and reward-model scores of its snapshots
-    (OUTPUT/NAME/snapshots) against their KL to SFT, on the same held-out prompts (with the same sampling seed, so
-    the points differ by the policy, not by the draw); SFT is every line's first point, at KL 0. DPO, trained
-    offline, is one point: its final model."""
-    sft = out / "sft" / "final"
-    models = {"sft": sft}
-    lines: dict[str, list[tuple[int, str]]] = {}  # name -> (iteration, key in models) along training
-    for name in [b for b in branches if b in RL_BRANCHES]:
-        lines[name] = [(0, "sft")]
-        for folder in sorted((out / name / "snapshots").glob("step-*")):
-            step = int(folder.name.removeprefix("step-"))
-            models[f"{name}@{step}"] = folder
-            lines[name].append((step, f"{name}@{step}"))
-    if "dpo" in branches:
-        models["dpo"] = out / "dpo" / "final"
-        lines["dpo"] = [(DPO_POINT, "dpo")]
-    rows = sample_and_judge(models, prompts, seed, max_new_tokens, rm_dir)
-    result = {}
-    for name, keys in lines.items():
-        result[name] = []
-        for step, key in keys:
-            answers = [row["responses"][key] for row in rows]
-            kl = 0.0 if key == "sft" else kl_to_sft(models[key], sft, prompts, answers)
-            result[name].append({"iteration": step, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
-                                 "gold": mean([a["gold"] for a in answers]),
-                                 "rm_score": mean([a["score"] for a in answers])})
-    return result
-
-
-DPO_POINT = -1  # the "iteration" of DPO's one point: it has no iterations
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def per_prompt(values: list[float], n: int) -> list[float]:
-    """Each of n prompts' mean over its draws (values: draw j of prompt i at j * n + i): the units of the CI, as the
-    draws of one prompt are not independent of each other."""
-    return [mean(values[i::n]) for i in range(n)]
-
-
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean and the half-width of its normal 95% confidence interval."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n)}
-
-
-def win_rate(a: list[float], b: list[float]) -> float:
-    """Share of pairs where a's response beats b's (paired by prompt and draw; a tie counts half)."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
-
-
-@torch.no_grad()
-def kl_to_sft(model_dir: Path, sft_dir: Path, prompts: list, responses: list[dict]) -> float:
-    """KL(model || SFT) per response, estimated on the model's own held-out responses: the mean over prompts of
-    sum_t log pi(y_t) - log pi_sft(y_t) (sampled at temperature 1 from the model, so this is unbiased)."""
-    from rlhfkit.data.encode import encode_prompt
-    from rlhfkit.data.templates import resolve_template
-    from rlhfkit.rl.rollout import left_pad, response_logprobs
-
-    tokenizer = load_tokenizer(str(model_dir))
-    template = resolve_template("auto", tokenizer)
-    prompt_ids = [encode_prompt(p, tokenizer, template, 512, EncodeStats()) for p in prompts]
-    response_ids = [tokenizer(r["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * r["stopped"]
-                    for r in responses]
-    total = 0.0
-    models = [load_causal_lm(str(path), tokenizer).eval() for path in (model_dir, sft_dir)]
-    for start in range(0, len(prompts), 48):
-        part = range(start, min(start + 48, len(prompts)))
-        ids, attn = left_pad([prompt_ids[i] for i in part], tokenizer.pad_token_id)
-        width = max(1, max(len(response_ids[i]) for i in part))
-        resp = torch.full((len(part), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
-        for row, i in enumerate(part):
-            resp[row, :len(response_ids[i])] = torch.tensor(response_ids[i], dtype=torch.long)
-            mask[row, :len(response_ids[i])] = 1
-        full, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
-        policy, sft = (response_logprobs(m, full, full_attn, ids.shape[1], 1.0)[0] for m in models)
-        total += ((policy - sft) * mask).sum().item()
-    return total / len(prompts)
-
-
-@torch.no_grad()
-def corpus_loss(model_dir: Path, corpus: Path) -> float:
-    tokenizer = load_tokenizer(str(model_dir))
-    rows = load_examples([str(corpus)], "text").examples[:500]
-    encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 96, EncodeStats()) for c in rows) if e]
-    return evaluate(load_causal_lm(str(model_dir), tokenizer), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
 
 
 def _print_summary(summary: dict, out: Path, report: Path) -> None:

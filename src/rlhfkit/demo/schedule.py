@@ -24,12 +24,14 @@ from rlhfkit.training.guards import TrainingError
 
 
 def run_stages(stages: dict[str, Callable], build: Callable[[str], object], depends: dict[str, tuple[str, ...]],
-               done: set[str], jobs: int, threads: int, logs: Path, finished: Callable[[str, float], None]) -> None:
-    """Run `stages` (name -> its run function, in order of priority) `jobs` at a time, each on `threads` threads in a
-    worker process, with the config `build(name)` makes as it starts; a stage starts once the stages it depends on
-    are in `done`. Each stage's output goes to LOGS/NAME.log; `finished(name, seconds)` is called as each one ends.
-    The first failure stops the others and is raised here (a user's mistake as the one-line error it was in the
-    stage)."""
+               done: set[str], jobs: int, threads: int, logs: Path, finished: Callable[[str, float, object], None]
+               ) -> None:
+    """Run `stages` (name -> its function, in order of priority) `jobs` at a time, each on `threads` threads in a
+    worker process, called with the config or record `build(name)` makes as it starts; a stage starts once the
+    stages it depends on are in `done`. Each stage's output goes to LOGS/NAME.log; `finished(name, seconds, what its
+    function returned)` is called as each one ends. Training stages (configs with max_steps) are announced in the log
+    and get a progress bar. The first failure stops the others and is raised here (a user's mistake as the one-line
+    error it was in the stage)."""
     logs.mkdir(parents=True, exist_ok=True)
     pending = list(stages)
     running: dict[Future, str] = {}
@@ -40,25 +42,27 @@ def run_stages(stages: dict[str, Callable], build: Callable[[str], object], depe
             while pending or running:
                 for name in [n for n in pending if done.issuperset(depends.get(n, ()))][:jobs - len(running)]:
                     run, config = stages[name], build(name)
-                    log.info(f"--- demo stage: {name} (in a worker, {threads} thread{'s' * (threads > 1)}; its "
-                             f"log: {logs / name}.log)")
+                    if hasattr(config, "max_steps"):
+                        log.info(f"--- demo stage: {name} (in a worker, {threads} thread{'s' * (threads > 1)}; its "
+                                 f"log: {logs / name}.log)")
+                        progress.start(name, config)
                     running[pool.submit(_work, run, config, threads, logs / f"{name}.log")] = name
                     pending.remove(name)
-                    progress.start(name, config)
                 if not running:
                     raise RuntimeError(f"stages {pending} wait on stages that never ran")
                 ended, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 progress.update()
                 for future in ended:
                     name = running.pop(future)
-                    seconds, error = future.result()
+                    seconds, error, result = future.result()
                     if error:
                         kind, message = error
                         raise (ConfigError if kind == "config" else TrainingError)(f"{name}: {message}")
-                    progress.stop(name)
-                    log.info(f"--- demo stage: {name} finished in {seconds:.0f} s")
+                    if name in progress.tasks:
+                        progress.stop(name)
+                        log.info(f"--- demo stage: {name} finished in {seconds:.0f} s")
                     done.add(name)
-                    finished(name, seconds)
+                    finished(name, seconds, result)
         except BaseException:
             progress.close()
             for child in multiprocessing.active_children():  # the executor would wait for the running stages
@@ -67,9 +71,10 @@ def run_stages(stages: dict[str, Callable], build: Callable[[str], object], depe
     progress.close()
 
 
-def _work(run: Callable, config: object, threads: int, log_file: Path) -> tuple[float, tuple[str, str] | None]:
-    """In the worker: run one stage with its output in `log_file`. A user's mistake comes back as (kind, message),
-    since some of its exception classes cannot be rebuilt from their message in the parent."""
+def _work(run: Callable, config: object, threads: int, log_file: Path) -> tuple[float, tuple[str, str] | None, object]:
+    """In the worker: run one stage with its output in `log_file`; (seconds, error, what `run` returned). A user's
+    mistake comes back as error (kind, message), since some of its exception classes cannot be rebuilt from their
+    message in the parent."""
     import torch
 
     from rlhfkit.training.common import setup_logging
@@ -83,15 +88,15 @@ def _work(run: Callable, config: object, threads: int, log_file: Path) -> tuple[
     setup_logging()
     start = time.perf_counter()
     try:
-        run(config)
+        result = run(config)
     except (ConfigError, DataError) as exc:
-        return 0.0, ("config", str(exc))
+        return 0.0, ("config", str(exc)), None
     except TrainingError as exc:
-        return 0.0, ("training", str(exc))
+        return 0.0, ("training", str(exc)), None
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    return round(time.perf_counter() - start, 1), None
+    return round(time.perf_counter() - start, 1), None, result
 
 
 class _Progress:
