@@ -262,6 +262,13 @@ def _stage_after_a(config) -> str:
     return _write_stage(config)
 
 
+def _killed_stage(config) -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _failing_stage(config) -> None:
     raise DataError(None, "prompt", f"{config.output}: no prompt")
 
@@ -269,11 +276,12 @@ def _failing_stage(config) -> None:
 def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
     """run_stages: a stage starts once those it depends on finished, on the threads it was given, and its result comes
     back; the first stage that fails stops the others, its message (a DataError, whose class the parent cannot
-    rebuild) named by stage."""
+    rebuild) named by stage; a worker that dies is named too."""
     from types import SimpleNamespace
 
     from rlhfkit.config import ConfigError
     from rlhfkit.demo.schedule import run_stages
+    from rlhfkit.training.guards import TrainingError
 
     def build(name):
         return SimpleNamespace(output=str(tmp_path / name), max_steps=1)
@@ -286,3 +294,5 @@ def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
         run_stages({"c": _failing_stage, "d": _write_stage}, build, {"d": ("c",)}, set(), 2, 1, tmp_path / "logs",
                    lambda name, seconds, result: ended.append(name))
     assert len(ended) == 2 and not (tmp_path / "d").exists()
+    with pytest.raises(TrainingError, match=r"^e: its worker process died \(killed, or out of memory\)"):
+        run_stages({"e": _killed_stage}, build, {}, set(), 1, 1, tmp_path / "logs", lambda *args: None)

@@ -102,6 +102,8 @@ def test_non_finite_numbers_in_yaml_and_other_commands(paths, capsys, no_model_l
     one_line_error(capsys, ["demo", "--algorithms", "ppo,sac"], "algorithms: unknown sac; choose from ppo, grpo")
     one_line_error(capsys, ["demo", "--algorithms", "dpo,dpo"], "algorithms: each name once")
     one_line_error(capsys, ["demo", "--dtype", "float16"], "dtype")
+    one_line_error(capsys, ["demo", "--jobs", "3", "--threads", "2"], "jobs: 3 workers need at least as many threads")
+    one_line_error(capsys, ["demo", "--jobs", "-1"], "jobs: must be >= 0")
 
 
 @pytest.mark.parametrize("weight", ["nan", "inf"])

@@ -129,11 +129,14 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
         # on seeds 0-4, 50 won 0.692 / 0.671 / 0.708 / 0.704 / 0.671, and lr 1.5e-4 (40) 0.669 / 0.658 / 0.746 /
         # 0.700 / 0.608. At lr 2e-4 (or with Dr.GRPO's unscaled advantages) the reward
         # model was exploited within 40 iterations on seed 0: responses of 3-5 tokens that it scores high and the gold
-        # judge low.
+        # judge low. KL weight 0.15, not 0.1: on seed 1 (bf16; 2 threads, stages 2 at a time) GRPO (RM) drifted to KL
+        # 2.9 while its gold score stayed flat from iteration 20 (over-optimisation) and won 0.648; 0.15 won 0.670
+        # (KL 1.35), 0.2 0.670. On seed 0 (same setting) 0.1 / 0.15 / 0.2 won 0.719 / 0.695 / 0.677, and on seed 1,
+        # 1 thread, 0.1 / 0.2 won 0.660 / 0.688.
         "grpo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
                      prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                      monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "grpo"), max_steps=steps["grpo"],
-                     batch_size=8, num_generations=8, mini_batch_size=32, max_new_tokens=48, lr=1e-4, kl_coef=0.1,
+                     batch_size=8, num_generations=8, mini_batch_size=32, max_new_tokens=48, lr=1e-4, kl_coef=0.15,
                      ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
                      snapshot_every=max(1, steps["grpo"] // steps["snapshots"])),
     }
@@ -163,6 +166,7 @@ def run_demo(config: DemoConfig) -> dict:
     dtype = resolve_dtype(config.dtype, default_device(), MODEL[size]["hidden"])
     threads = torch.get_num_threads()
     jobs = config.jobs or (2 if threads >= 2 and default_device().type == "cpu" else 1)
+    require(jobs <= threads, f"jobs: {jobs} workers need at least as many threads; torch has {threads} (--threads)")
     log.info(f"demo: seed {config.seed}, {threads} threads, {dtype}, tuned from SFT: {', '.join(branches)}"
              + (f"; after SFT {jobs} stages at a time, on {threads // jobs} of them each" if jobs > 1 else ""))
     timings: dict[str, float] = {}
@@ -242,7 +246,8 @@ def run_demo(config: DemoConfig) -> dict:
             finished(name, time.perf_counter() - start, result)
     else:
         at_once = sorted((n for n in todo if n not in SERIAL), key=PRIORITY.index)
-        log.info(f"--- demo stage: evaluate ({len(evaluation)} tasks, each started in a worker once its models exist)")
+        work = ", ".join([*at_once, f"the evaluation's {len(evaluation)} tasks (each once its models exist)"])
+        log.info(f"--- demo stages, {jobs} at a time: {work}")
         run_stages({**{name: runners[name][1] for name in at_once}, **{k: v[0] for k, v in evaluation.items()}},
                    lambda name: evaluation[name][1] if name in evaluation else build(name),
                    {**DEPENDS, **{k: v[2] for k, v in evaluation.items()}}, set(ran), jobs, threads // jobs,
@@ -251,8 +256,8 @@ def run_demo(config: DemoConfig) -> dict:
     summary = summarize(results, out, files, branches, STEPS[size]["eval_samples"])
     timings["evaluate"] = round(timings["evaluate"] + time.perf_counter() - start, 1)
     summary = {"seed": config.seed, "dtype": dtype, "threads": threads, "jobs": jobs, "stage_threads": ran, **summary,
-               "timings_s": timings, "kept": kept,
-               # what the demo takes from start to end: this run's seconds and those of the stages it kept
+               "timings_s": {name: timings[name] for name in ("data", *names, "evaluate")}, "kept": kept,
+               # from start to end: this run's seconds, plus those of the stages it kept (as if one after another)
                "wall_s": round(time.perf_counter() - begun + sum(timings[name] for name in kept), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out)

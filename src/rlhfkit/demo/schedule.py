@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +55,11 @@ def run_stages(stages: dict[str, Callable], build: Callable[[str], object], depe
                 progress.update()
                 for future in ended:
                     name = running.pop(future)
-                    seconds, error, result = future.result()
+                    try:
+                        seconds, error, result = future.result()
+                    except BrokenProcessPool:
+                        raise TrainingError(f"{name}: its worker process died (killed, or out of memory); --resume "
+                                            "keeps the stages that finished") from None
                     if error:
                         kind, message = error
                         raise (ConfigError if kind == "config" else TrainingError)(f"{name}: {message}")
