@@ -125,9 +125,9 @@ def test_demo_quick_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
-    assert main(["demo", "--quick", "--threads", "2", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--jobs", "2", "--output", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    # On 2 threads the stages after SFT run two at a time, one thread each, in worker processes.
+    # With --jobs 2 (the default in bf16) the stages after SFT run two at a time, one thread each, in workers.
     assert summary["jobs"] == 2 and summary["stage_threads"] == {"pretrain": 2, "sft": 2, "rm": 1, "ppo": 1, "grpo": 1,
                                                                  "grpo_gold": 1, "dpo": 1}
     assert 0 < summary["wall_s"] < sum(summary["timings_s"].values())
@@ -205,7 +205,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
     # The same seed gives the same numbers: only the wall times differ.
-    assert main(["demo", "--quick", "--threads", "2", "--output", str(tmp_path / "again")]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--jobs", "2", "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     timing = {"timings_s", "wall_s"}
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
@@ -214,7 +214,8 @@ def test_demo_quick_end_to_end(tmp_path):
     # judge, its final model gone, reruns alone; the numbers are those of the uninterrupted run.
     shutil.rmtree(tmp_path / "again" / "grpo_gold" / "final")
     (tmp_path / "again" / "summary.json").unlink()  # the stage seconds of kept stages come from timings.json
-    assert main(["demo", "--quick", "--threads", "2", "--resume", "--output", str(tmp_path / "again")]) == 0
+    assert main(["demo", "--quick", "--threads", "2", "--jobs", "2", "--resume", "--output",
+                 str(tmp_path / "again")]) == 0
     resumed = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert resumed["kept"] == ["pretrain", "sft", "rm", "ppo", "grpo", "dpo"] and summary["kept"] == []
     assert {k: resumed["timings_s"][k] for k in resumed["kept"]} == {k: again["timings_s"][k] for k in resumed["kept"]}
@@ -226,11 +227,11 @@ def test_demo_quick_end_to_end(tmp_path):
 
 def test_demo_runs_a_subset_of_algorithms(tmp_path):
     """`algorithms=["dpo"]` (from Python here): base, SFT and the reward model (the evaluation's judge of RM scores),
-    then DPO only; `jobs=1`: one stage after another in this process."""
+    then DPO only; in float32 (auto here, conftest) one stage after another in this process."""
     import rlhfkit
 
     out = tmp_path / "demo"
-    run = rlhfkit.demo(quick=True, algorithms=["dpo"], output=str(out), jobs=1)
+    run = rlhfkit.demo(quick=True, algorithms=["dpo"], output=str(out))  # float32 here: one at a time
     summary = json.loads((out / "summary.json").read_text())
     assert run.result == summary and run.output == out and run.config.dtype == "auto"
     assert summary["jobs"] == 1 and set(summary["stage_threads"].values()) == {summary["threads"]}  # all in-process
@@ -296,3 +297,43 @@ def test_stages_in_workers_wait_for_their_inputs_and_fail_in_one_line(tmp_path):
     assert len(ended) == 2 and not (tmp_path / "d").exists()
     with pytest.raises(TrainingError, match=r"^e: its worker process died \(killed, or out of memory\)"):
         run_stages({"e": _killed_stage}, build, {}, set(), 1, 1, tmp_path / "logs", lambda *args: None)
+
+
+def _sleeping_stage(config) -> None:
+    import os
+    import time
+
+    Path(config.output).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_workers_end_when_the_demo_is_killed(tmp_path):
+    """A demo killed with SIGKILL cannot stop its workers: they notice and end within seconds, not train on."""
+    import subprocess
+    import sys
+    import time
+
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from pathlib import Path\nfrom types import SimpleNamespace\n"
+              "from rlhfkit.demo.schedule import run_stages\nfrom test_demo import _sleeping_stage\n"
+              f"run_stages({{'a': _sleeping_stage}}, lambda name: SimpleNamespace(output={str(tmp_path / 'pid')!r}), "
+              f"{{}}, set(), 1, 1, Path({str(tmp_path / 'logs')!r}), lambda *args: None)\n")
+    demo = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "pid").is_file() or not (tmp_path / "pid").read_text():
+        assert time.monotonic() < deadline and demo.poll() is None, "the worker never started its stage"
+        time.sleep(0.1)
+    worker = Path(f"/proc/{(tmp_path / 'pid').read_text()}/stat")
+    demo.kill()
+    demo.wait()
+
+    def gone() -> bool:  # or a zombie
+        try:
+            return worker.read_text().split(")")[-1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not gone():
+        assert time.monotonic() < deadline, "the worker outlived the demo"
+        time.sleep(0.1)

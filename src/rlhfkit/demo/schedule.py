@@ -38,7 +38,8 @@ def run_stages(stages: dict[str, Callable], build: Callable[[str], object], depe
     running: dict[Future, str] = {}
     progress = _Progress()
     # spawn, not fork: the parent has started torch's thread pools, which a forked child would inherit broken.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         try:
             while pending or running:
                 for name in [n for n in pending if done.issuperset(depends.get(n, ()))][:jobs - len(running)]:
@@ -102,6 +103,19 @@ def _work(run: Callable, config: object, threads: int, log_file: Path) -> tuple[
         sys.stdout.flush()
         sys.stderr.flush()
     return round(time.perf_counter() - start, 1), None, result
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In each worker as it starts: end it when the demo's process `parent` is gone (killed, it cannot stop its
+    workers), rather than train on."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class _Progress:
