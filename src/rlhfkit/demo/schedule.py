@@ -1,9 +1,10 @@
 """The demo's stages after SFT, trained several at a time, each in a worker process with a fixed number of threads.
 
-Why: the demo's models are small (hidden 128), and one stage cannot keep two cores busy. On 2 cores (Intel Xeon with
-AMX), 100 reward-model steps took 28.7 s on 2 threads and 40.6 s on 1, while two 1-thread runs at once took 36.9 s;
-20 GRPO iterations took 21.5, 27.5 and 26.8 s. Each stage runs on the same number of threads on every run, so a
-seed's numbers still repeat exactly.
+Why: the demo's models are small (hidden 128), and in bf16 one stage cannot keep two cores busy. On 2 cores (Intel
+Xeon with AMX), 100 reward-model steps took 28.7 s on 2 threads and 40.6 s on 1, while two 1-thread runs at once took
+36.9 s; 20 GRPO iterations took 21.5, 27.5 and 26.8 s. (float32 stages are bound by the multiply rate instead, and two
+at once slow each other down: the demo runs them one at a time.) Each stage runs on the same number of threads on
+every run, so a seed's numbers still repeat exactly.
 """
 
 from __future__ import annotations
