@@ -61,7 +61,7 @@ class DemoConfig:
                                 "the CPU or GPU multiplies bf16 natively and the model is wide enough to gain",
                         choices=DTYPES)
     threads: int = option(0, "CPU threads torch uses (0 = its default, one per core); a seed's numbers repeat "
-                             "exactly for the same threads and dtype on one machine")
+                             "exactly for the same threads, jobs and dtype on one machine")
     jobs: int = option(0, "stages trained at once after SFT, each in a worker process on threads / jobs threads (0 = "
                           "2 in bfloat16 on a CPU with 2 or more threads, else 1; 1 = one after another in this "
                           "process): in bf16 the demo's small stages keep one core busy, not two")
