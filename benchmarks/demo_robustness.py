@@ -33,11 +33,19 @@ def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False
     return folder
 
 
-def row(summary: dict) -> str:
+def rm_steps(folder: Path) -> str:
+    """The reward model's steps in a finished demo run (its config), which tell the recipes of the table apart."""
+    import yaml
+
+    config = folder / "rm" / "config.yaml"
+    return str(yaml.safe_load(config.read_text())["max_steps"]) if config.exists() else "?"
+
+
+def row(summary: dict, folder: Path) -> str:
     checks = acceptance(summary)
     wins, kl = summary["win_rate"], summary.get("kl_to_sft", {})
     cells = [summary["seed"], summary.get("threads", "?"), summary.get("jobs", 1), summary.get("dtype", "?"),
-             summary.get("eval_samples", 1),
+             rm_steps(folder), summary.get("eval_samples", 1),
              f"{summary['rm_accuracy']:.3f}", f"{wins['sft_vs_base']:.3f}"]
     cells += [f"{wins[k]:.3f}" if k in wins else "" for k in ("ppo_vs_sft", "grpo_vs_sft", "grpo_gold_vs_sft",
                                                               "dpo_vs_sft")]
@@ -49,10 +57,10 @@ def row(summary: dict) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-HEADER = ("| seed | threads | stages at once | dtype | answers per prompt | RM accuracy | SFT over base | PPO over SFT "
+HEADER = ("| seed | threads | stages at once | dtype | RM steps | answers per prompt | RM accuracy | SFT over base | PPO over SFT "
           "| GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | "
           "acceptance | wall |\n"
-          "|" + "---|" * 15)
+          "|" + "---|" * 16)
 
 
 def main() -> None:
@@ -76,7 +84,7 @@ def main() -> None:
                 print(f"done: {folder}", flush=True)
     print(HEADER)
     for path in sorted(out.glob("*/summary.json")):
-        print(row(json.loads(path.read_text())))
+        print(row(json.loads(path.read_text()), path.parent))
 
 
 if __name__ == "__main__":
