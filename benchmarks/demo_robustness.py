@@ -57,8 +57,8 @@ def row(summary: dict, folder: Path) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-HEADER = ("| seed | threads | stages at once | dtype | RM steps | answers per prompt | RM accuracy | SFT over base | PPO over SFT "
-          "| GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | "
+HEADER = ("| seed | threads | stages at once | dtype | RM steps | answers per prompt | RM accuracy | SFT over base "
+          "| PPO over SFT | GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | "
           "acceptance | wall |\n"
           "|" + "---|" * 16)
 
