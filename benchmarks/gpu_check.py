@@ -1,15 +1,16 @@
 """A few steps of every training stage on a CUDA machine, in bf16: tokens/s, peak GPU memory, and each phase's share
 of the bf16 matrix-product rate measured in the same run.
 
-    python benchmarks/gpu_check.py [--out runs/gpu-check]      # on a GPU: a ~0.5B Llama (about 6 minutes on an H100)
+    python benchmarks/gpu_check.py [--out runs/gpu-check]      # on a GPU: a ~0.5B Llama (76 s on an H100)
     python benchmarks/gpu_check.py --tiny                      # anywhere (the test suite's): tiny model, float32
 
 It installs nothing: rlhfkit on an environment that has torch, transformers and peft (`pip install --no-deps -e .`).
 It builds a tokenizer on synthetic text and a Llama from its config (hidden 1280, 24 layers, 20 heads, FFN 3456:
 ~0.48B parameters), then runs rlhfkit's own entry points, one after another in this process: SFT, RM (from the SFT
 model), PPO (actor from SFT, critic and reward from RM), GRPO (reward from RM) and DPO (from SFT, on the RM's pairs),
-each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from the run's metrics.jsonl (the first
-step, with warm-up, left out) and torch.cuda.max_memory_allocated.
+each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from
+the run's metrics.jsonl (the first step, with warm-up, left out) and torch.cuda.max_memory_allocated. A stage that
+fails is reported and the others still run (a lent GPU's minutes are few); the exit code is then 1.
 
 Model FLOPs: 2 per multiply-add per token through the non-embedding weights and the head (attention's T^2 terms are
 left out: at these lengths they are a few percent), times 3 for a training step (forward and backward), plus one
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -136,7 +138,12 @@ def run_stages(out: Path, files: dict[str, Path], size: dict, dtype: str, vocab:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        run(make_config(cls, {**values, "output": str(out / name)}))
+        try:
+            run(make_config(cls, {**values, "output": str(out / name)}))
+        except Exception as error:  # report it and go on: on a lent GPU one failed stage must not cost the others
+            traceback.print_exc()
+            results.append({"stage": name, "error": f"{type(error).__name__}: {error}"})
+            continue
         wall = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         rows = records(out / name)
@@ -155,6 +162,7 @@ def run_stages(out: Path, files: dict[str, Path], size: dict, dtype: str, vocab:
             rates = {p: f / seconds[p] for p, f in work.items()}
         results.append({"stage": name, "wall_s": wall, "tokens_per_s": tokens, "peak_gib": peak,
                         "phases": rates, "phase_s": seconds})
+        print(f"[gpu_check] {name} done in {wall:.1f} s", flush=True)
     return results
 
 
@@ -201,6 +209,9 @@ def main() -> None:
     print("| stage | wall s | tokens/s | peak GPU GiB | phase: seconds, TFLOP/s, share of the rate |")
     print("|---|---|---|---|---|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['stage']} | failed: {r['error']} | | | |")
+            continue
         phases = "; ".join(f"{p} " + (f"{r['phase_s'][p]:.2f} s, " if p in r["phase_s"] else "")
                            + f"{f / 1e12:.2f}, {f / rate:.0%}" for p, f in r["phases"].items())
         print(f"| {r['stage']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {phases} |")
@@ -210,6 +221,8 @@ def main() -> None:
         print("\n(one GPU or none here: the 2-rank FSDP step was not run)")
     (out / "gpu_check.json").write_text(json.dumps({"device": name, "dtype": dtype, "rate": rate, "stages": results,
                                                     "fsdp": fsdp}, indent=2))
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

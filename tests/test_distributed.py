@@ -6,6 +6,8 @@ Each run is a real `rlhfkit ... --nproc 2` (torchrun) subprocess. Run these alon
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -63,6 +65,36 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> str:
     return output
 
 
+def run_here(args: list[str]) -> str:
+    """A one-process run inside this process, on one thread like the subprocesses: each new process spends ~7 s of CPU
+    importing torch and transformers, the largest cost of these tiny runs. Returns what the run printed."""
+    from rlhfkit.cli import main
+
+    stream, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stream.getvalue()[-3000:]
+    return stream.getvalue()
+
+
+def run_plans(plans: dict[str, list[str]], groups: list[list[str]]) -> dict[str, str]:
+    """{name: output}: each group of 2-rank runs as subprocesses together (<= 4 ranks on the 2 cores); the plans in
+    no group (one process each) run here meanwhile, while the first group's ranks start."""
+    outputs, grouped = {}, {name for group in groups for name in group}
+    for i, group in enumerate(groups):
+        started = {name: rlhfkit(plans[name]) for name in group}
+        if i == 0:
+            outputs |= {name: run_here(args) for name, args in plans.items() if name not in grouped}
+        outputs |= {name: finish(process) for name, process in started.items()}
+    return outputs
+
+
 def losses(out: Path, split: str = "train") -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == split]
@@ -91,12 +123,7 @@ def runs(tiny_models, data, tmp_path_factory) -> dict[str, Path]:
             extra = dict(save_every=5) if (stage, strategy) == ("sft", "fsdp") else {}
             plans[f"{stage}-{strategy}"] = stage_args(stage, tiny_models["llama"], data, root / f"{stage}-{strategy}",
                                                       strategy=strategy, nproc=2, keep_last=5, **extra)
-    outputs = {}
-    for group in (["sft-single", "rm-single", "dpo-single", "dpo-lora-single"], ["sft-ddp", "rm-ddp"], ["sft-fsdp"],
-                  ["rm-fsdp"], ["dpo-fsdp", "dpo-lora-fsdp"]):  # <= 4 processes
-        started = {name: rlhfkit(plans[name]) for name in group}
-        for name, process in started.items():
-            outputs[name] = finish(process)
+    outputs = run_plans(plans, [["sft-ddp", "rm-ddp"], ["sft-fsdp", "rm-fsdp"], ["dpo-fsdp", "dpo-lora-fsdp"]])
     return {name: root / name for name in plans} | {"log:" + k: v for k, v in outputs.items()}
 
 
@@ -131,7 +158,7 @@ def test_fsdp_checkpoint_from_two_ranks_resumes_on_one_process(runs, tiny_models
     assert json.loads((checkpoint / "state.json").read_text())["ranks"] == 2
     assert sorted(p.name for p in (checkpoint / "model").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     out = tmp_path / "one"
-    finish(rlhfkit(stage_args("sft", tiny_models["llama"], data, out, resume=str(checkpoint))))
+    run_here(stage_args("sft", tiny_models["llama"], data, out, resume=str(checkpoint)))
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)[5:]), rtol=1e-4, atol=0)
     assert_close_weights(weights(out / "final"), weights(two / "final"), atol=1e-5)
 
@@ -156,7 +183,10 @@ def test_sigkill_after_a_checkpoint_then_resume_reaches_the_uninterrupted_weight
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "final").exists(), "the run finished before the kill: nothing was tested"
-    finish(rlhfkit(args + ["--resume=latest"]))
+    if nproc == 2:
+        finish(rlhfkit(args + ["--resume=latest"]))
+    else:
+        run_here(args + ["--resume=latest"])
     assert_close_weights(weights(out / "final"), weights(reference / "final"), atol=1e-6 if nproc == 1 else 1e-5)
     assert len(losses(out)) == STEPS
 
@@ -214,11 +244,7 @@ def ppo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
              "ddp": args("ddp", strategy="ddp", nproc=2),
              "fsdp": args("fsdp", strategy="fsdp", nproc=2, shard_frozen="true"),
              "fsdp-lora": args("fsdp-lora", strategy="fsdp", nproc=2, **lora)}
-    outputs = {}
-    for group in (["single", "single-lora", "ddp"], ["fsdp", "fsdp-lora"]):  # 4 processes at most
-        started = {name: rlhfkit(plans[name]) for name in group}
-        for name, process in started.items():
-            outputs[name] = finish(process)
+    outputs = run_plans(plans, [["ddp"], ["fsdp", "fsdp-lora"]])
     return ({name: root / name for name in plans} | {"args:" + k: v for k, v in plans.items()}
             | {"log:" + k: v for k, v in outputs.items()})
 
@@ -263,7 +289,7 @@ def test_ppo_fsdp_checkpoint_from_two_ranks_resumes_on_one_process(ppo_runs, tmp
     assert sorted(p.name for p in (checkpoint / "extra").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     out = tmp_path / "one"
     args = [a for a in ppo_runs["args:fsdp-lora"] if not a.startswith(("--strategy", "--nproc", "--output"))]
-    finish(rlhfkit(args + [f"--output={out}", f"--resume={checkpoint}"]))
+    run_here(args + [f"--output={out}", f"--resume={checkpoint}"])
     resumed, two = ppo_records(out), ppo_records(ppo_runs["fsdp-lora"])
     assert [r["step"] for r in resumed] == [3]
     assert resumed[0]["value_loss"] == pytest.approx(two[-1]["value_loss"], rel=1e-4)
@@ -306,10 +332,7 @@ def grpo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
              "ddp": args("ddp", strategy="ddp", nproc=2),
              "fsdp": args("fsdp", strategy="fsdp", nproc=2),
              "fsdp-lora": args("fsdp-lora", strategy="fsdp", nproc=2, **lora)}
-    for group in (["single", "single-lora", "ddp"], ["fsdp", "fsdp-lora"]):  # 4 processes at most
-        started = {name: rlhfkit(plans[name]) for name in group}
-        for process in started.values():
-            finish(process)
+    run_plans(plans, [["ddp"], ["fsdp", "fsdp-lora"]])
     return {name: root / name for name in plans}
 
 
