@@ -1,7 +1,9 @@
-"""SFT, reward-model, DPO, PPO and GRPO training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one process
-on the same global batch, DCP checkpoints that survive SIGKILL and reshard from 2 ranks to 1, a dead rank ends the job.
+"""SFT, reward-model, DPO, PPO and GRPO training on 2 CPU ranks (gloo) with DDP and FSDP2: the same optimisation as one
+process on the same global batch, DCP checkpoints that survive SIGKILL and reshard from 2 ranks to 1, a dead rank
+ends the job.
 
-Each run is a real `rlhfkit ... --nproc 2` (torchrun) subprocess. Run these alone with `pytest -m distributed`.
+Each 2-rank run is a real `rlhfkit ... --nproc 2` (torchrun) subprocess; the one-process runs they are compared with
+run inside the test process. Run these alone with `pytest -m distributed`.
 """
 
 from __future__ import annotations
