@@ -5,21 +5,42 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_vs_trl.py"
 
 
 def load_bench():
-    if str(BENCH.parent) not in sys.path:  # the benchmark imports its neighbour train_throughput.py
+    return load_script(BENCH)
+
+
+def load_script(path: Path):
+    if str(BENCH.parent) not in sys.path:  # the benchmarks import their neighbours (train_throughput.py, ppo_vs_trl.py)
         sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("ppo_vs_trl", BENCH)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(path: Path, argv: list[str], monkeypatch, capsys, threads: int | None = None) -> str:
+    """`python path argv` with this process as the script's: a new process spends ~7 s of CPU importing torch and
+    transformers, the largest cost of these smoke runs. The sides a benchmark times still run in fresh processes.
+    Returns what it printed."""
+    module = load_script(path)
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(before)  # the scripts set the thread count they time with
+    return capsys.readouterr().out
 
 
 def test_phase_flops_by_hand():
@@ -34,13 +55,11 @@ def test_phase_flops_by_hand():
     assert trl == {"generate": 200, "forward": 200 + 2 * 184, "train": 3 * (200 + 184)}
 
 
-def test_benchmark_smoke_run(tmp_path):
+def test_benchmark_smoke_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(BENCH), "--config", "tiny", "--iterations", "2", "--repeats", "1",
-                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "| rlhfkit |" in done.stdout and "| rlhfkit | train |" in done.stdout
+    printed = run_script(BENCH, ["--config", "tiny", "--iterations", "2", "--repeats", "1", "--matmul-size", "64",
+                                 "--threads", "1", "--out", str(out)], monkeypatch, capsys)
+    assert "| rlhfkit |" in printed and "| rlhfkit | train |" in printed
     summary = json.loads((out / "tiny-float32" / "summary.json").read_text())
     m = summary["summary"]["rlhfkit"]
     assert m["n"] == 1 and m["time_iteration"] > 0 and m["peak_rss_mb"] > 0
@@ -48,23 +67,20 @@ def test_benchmark_smoke_run(tmp_path):
     assert summary["matmul_gflops"]["float32"] > 0
 
 
-def test_sampler_benchmark_smoke_run(tmp_path):
+def test_sampler_benchmark_smoke_run(tmp_path, monkeypatch, capsys):
     bench = BENCH.parent / "sampler_vs_generate.py"
-    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--batches", "1,3", "--lengths", "4",
-                           "--repeats", "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("| full", "| early"))]
+    printed = run_script(bench, ["--config", "tiny", "--batches", "1,3", "--lengths", "4", "--repeats", "1",
+                                 "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)], monkeypatch, capsys)
+    rows = [line for line in printed.splitlines() if line.startswith(("| full", "| early"))]
     assert len(rows) == 4 and all("| True |" in row for row in rows)  # the sampler gave generate's tokens
     results = json.loads((tmp_path / "tiny" / "sampler-float32.json").read_text())["results"]
     assert [(r["regime"], r["batch"]) for r in results] == [("full", 1), ("full", 3), ("early", 1), ("early", 3)]
     assert all(r["sampler_s"] > 0 and r["generate_s"] > 0 for r in results)
     # G samples per prompt: 2 prompts x 2 samples per call, still generate's tokens.
-    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--batches", "4", "--lengths", "4", "--group",
-                           "2", "--repeats", "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("| full", "| early"))]
+    printed = run_script(bench, ["--config", "tiny", "--batches", "4", "--lengths", "4", "--group", "2", "--repeats",
+                                 "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)], monkeypatch,
+                         capsys)
+    rows = [line for line in printed.splitlines() if line.startswith(("| full", "| early"))]
     assert len(rows) == 2 and all("| True |" in row for row in rows)
 
 
@@ -73,11 +89,7 @@ GRPO_BENCH = BENCH.parent / "grpo_vs_trl.py"
 
 
 def load_grpo_bench():
-    load_bench()  # puts benchmarks/ on the path: the GRPO benchmark imports the PPO benchmark's helpers
-    spec = importlib.util.spec_from_file_location("grpo_vs_trl", GRPO_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GRPO_BENCH)
 
 
 def test_grpo_phase_flops_by_hand():
@@ -107,25 +119,21 @@ def test_grpo_cross_check_against_trls_formulas_by_hand():
         assert d["advantage_max_abs_diff"] < 1e-6 and abs(d["loss_rlhfkit"] - d["loss_trl"]) < 1e-6, (loss_type, d)
 
 
-def test_grpo_benchmark_smoke_run(tmp_path):
+def test_grpo_benchmark_smoke_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(GRPO_BENCH), "--config", "tiny", "--iterations", "2", "--repeats", "1",
-                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "| rlhfkit |" in done.stdout and "| rlhfkit | train |" in done.stdout
+    printed = run_script(GRPO_BENCH, ["--config", "tiny", "--iterations", "2", "--repeats", "1", "--matmul-size",
+                                      "64", "--threads", "1", "--out", str(out)], monkeypatch, capsys)
+    assert "| rlhfkit |" in printed and "| rlhfkit | train |" in printed
     m = json.loads((out / "tiny-float32" / "summary.json").read_text())["summary"]["rlhfkit"]
     assert m["n"] == 1 and m["time_iteration"] > 0 and 0 < m["response_tokens"] <= 2 * 2 * 4
 
 
-def test_dpo_benchmark_smoke_run_reads_the_pairs_in_rlhfkits_order(tmp_path):
-    bench = BENCH.parent / "dpo_vs_trl.py"
+def test_dpo_benchmark_smoke_run_reads_the_pairs_in_rlhfkits_order(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(bench), "--config", "tiny", "--steps", "2", "--repeats", "1",
-                           "--matmul-size", "64", "--threads", "1", "--out", str(out)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "| rlhfkit |" in done.stdout
+    printed = run_script(BENCH.parent / "dpo_vs_trl.py", ["--config", "tiny", "--steps", "2", "--repeats", "1",
+                                                          "--matmul-size", "64", "--threads", "1", "--out", str(out)],
+                         monkeypatch, capsys)
+    assert "| rlhfkit |" in printed
     work = out / "tiny-float32"
     assert json.loads((work / "summary.json").read_text())["summary"]["rlhfkit"]["n"] == 1
     # What TRL reads, in order, is what rlhfkit's two steps of 8 take.
@@ -136,14 +144,12 @@ def test_dpo_benchmark_smoke_run_reads_the_pairs_in_rlhfkits_order(tmp_path):
     assert ordered == [pairs[i] for step in (0, 1) for i in step_indices(len(pairs), 8, 0, step)]
 
 
-def test_gpu_check_runs_tiny_on_a_cpu(tmp_path):
+def test_gpu_check_runs_tiny_on_a_cpu(tmp_path, monkeypatch, capsys):
     """The GPU script's --tiny mode: every stage, its table row, and FLOP shares that are numbers."""
-    done = subprocess.run([sys.executable, str(BENCH.parent / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    printed = run_script(BENCH.parent / "gpu_check.py", ["--tiny", "--out", str(tmp_path)], monkeypatch, capsys,
+                         threads=1)
     for stage in ("sft", "rm", "ppo", "grpo", "dpo"):
-        assert f"| {stage} |" in done.stdout, stage
+        assert f"| {stage} |" in printed, stage
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["stage"] for s in result["stages"]] == ["sft", "rm", "ppo", "grpo", "dpo"] and result["rate"] > 0
     for stage in result["stages"]:
