@@ -5,8 +5,9 @@ of the bf16 matrix-product rate measured in the same run.
     python benchmarks/gpu_check.py --tiny                      # anywhere (the test suite's): tiny model, float32
 
 It installs nothing: rlhfkit on an environment that has torch, transformers and peft (`pip install --no-deps -e .`).
-It builds a tokenizer on synthetic text and a Llama from its config (hidden 1280, 24 layers, 20 heads, FFN 3456:
-~0.48B parameters), then runs rlhfkit's own entry points, one after another in this process: SFT, RM (from the SFT
+It builds a tokenizer on synthetic text and a Llama from its config (hidden 1280, 24 layers, 20 heads, FFN 3456, a
+32,000-token embedding and head: ~0.55B parameters), then runs rlhfkit's own entry points, one after another in this
+process: SFT, RM (from the SFT
 model), PPO (actor from SFT, critic and reward from RM), GRPO (reward from RM) and DPO (from SFT, on the RM's pairs),
 each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from
 the run's metrics.jsonl (the first step, with warm-up, left out) and torch.cuda.max_memory_allocated. A stage that
@@ -33,9 +34,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SIZES = {"full": dict(hidden=1280, layers=24, heads=20, ffn=3456, vocab=4096, sft_steps=8, rm_steps=8, rl_steps=3,
+SIZES = {"full": dict(hidden=1280, layers=24, heads=20, ffn=3456, vocab=4096, head_vocab=32000, sft_steps=8,
+                      rm_steps=8, rl_steps=3,
                       batch=32, prompts=32, groups=8, generations=8, new_tokens=128, words=160),
-         "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, vocab=300, sft_steps=2, rm_steps=2, rl_steps=2,
+         "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, vocab=300, head_vocab=1000, sft_steps=2, rm_steps=2,
+                      rl_steps=2,
                       batch=4, prompts=4, groups=2, generations=2, new_tokens=4, words=12)}
 
 
@@ -51,6 +54,13 @@ def make_inputs(out: Path, size: dict) -> dict[str, Path]:
     tokenizer = train_tokenizer([sentence(rng, 60) for _ in range(3000)], out / "init", vocab_size=size["vocab"])
     make_tiny_model("llama", tokenizer, out / "init", hidden=size["hidden"], layers=size["layers"],
                     heads=size["heads"], ffn=size["ffn"])
+    # The synthetic text needs only ~450 tokens, where a real tokenizer has 32k-150k: the model gets a real-sized
+    # embedding and head (the extra rows are never in the data, but every logit is computed).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "init")
+    model.resize_token_embeddings(size["head_vocab"], mean_resizing=False)
+    model.save_pretrained(out / "init")
     n = 8 * size["batch"]
 
     def write(name: str, rows: list[dict]) -> Path:
@@ -198,9 +208,7 @@ def main() -> None:
     rate = matmul_rate(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device,
                        8192 if device == "cuda" and not args.tiny else 256)
     files = make_inputs(out, size)
-    from rlhfkit.models import load_tokenizer
-
-    vocab = len(load_tokenizer(str(out / "init")))  # with the pad token the model was built for
+    vocab = json.loads((out / "init" / "config.json").read_text())["vocab_size"]  # the head's width
     results = run_stages(out, files, size, dtype, vocab)
     fsdp = fsdp_check(out, files, size, dtype)
     print(f"\n{name}: {dtype} matrix-product rate measured here {rate / 1e12:.1f} TFLOP/s; Llama hidden "
