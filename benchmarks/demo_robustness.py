@@ -58,8 +58,8 @@ def row(summary: dict, folder: Path) -> str:
 
 
 HEADER = ("| seed | threads | stages at once | dtype | RM steps | answers per prompt | RM accuracy | SFT over base "
-          "| PPO over SFT | GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's | KL to SFT | "
-          "acceptance | wall |\n"
+          "| PPO over SFT | GRPO (RM) over SFT | GRPO (gold) over SFT | DPO over SFT | worst PTX corpus loss / SFT's "
+          "| KL to SFT | acceptance | wall |\n"
           "|" + "---|" * 16)
 
 

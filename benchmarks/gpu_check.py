@@ -1,17 +1,17 @@
 """A few steps of every training stage on a CUDA machine, in bf16: tokens/s, peak GPU memory, and each phase's share
 of the bf16 matrix-product rate measured in the same run.
 
-    python benchmarks/gpu_check.py [--out runs/gpu-check]      # on a GPU: a ~0.5B Llama (76 s on an H100)
+    python benchmarks/gpu_check.py [--out runs/gpu-check]      # on a GPU: a ~0.5B Llama (94 s on an H100)
     python benchmarks/gpu_check.py --tiny                      # anywhere (the test suite's): tiny model, float32
 
 It installs nothing: rlhfkit on an environment that has torch, transformers and peft (`pip install --no-deps -e .`).
 It builds a tokenizer on synthetic text and a Llama from its config (hidden 1280, 24 layers, 20 heads, FFN 3456, a
 32,000-token embedding and head: ~0.55B parameters), then runs rlhfkit's own entry points, one after another in this
-process: SFT, RM (from the SFT
-model), PPO (actor from SFT, critic and reward from RM), GRPO (reward from RM) and DPO (from SFT, on the RM's pairs),
-each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it reads the steps' timings from
-the run's metrics.jsonl (the first step, with warm-up, left out) and torch.cuda.max_memory_allocated. A stage that
-fails is reported and the others still run (a lent GPU's minutes are few); the exit code is then 1.
+process: SFT, RM (from the SFT model), PPO (actor from SFT, critic and reward from RM), GRPO (reward from RM) and DPO
+(from SFT, on the RM's pairs), each for a few steps, and on two or more GPUs an FSDP SFT run on 2 ranks. Per stage it
+reads the steps' timings from the run's metrics.jsonl (the first step, with warm-up, left out) and
+torch.cuda.max_memory_allocated. A stage that fails is reported and the others still run (a lent GPU's minutes are
+few); the exit code is then 1.
 
 Model FLOPs: 2 per multiply-add per token through the non-embedding weights and the head (attention's T^2 terms are
 left out: at these lengths they are a few percent), times 3 for a training step (forward and backward), plus one
@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+# vocab: what the tokenizer is trained to; head_vocab: the model's embedding and head rows (see make_inputs).
 SIZES = {"full": dict(hidden=1280, layers=24, heads=20, ffn=3456, vocab=4096, head_vocab=32000, sft_steps=8,
-                      rm_steps=8, rl_steps=3,
-                      batch=32, prompts=32, groups=8, generations=8, new_tokens=128, words=160),
+                      rm_steps=8, rl_steps=3, batch=32, prompts=32, groups=8, generations=8, new_tokens=128, words=160),
          "tiny": dict(hidden=32, layers=2, heads=2, ffn=64, vocab=300, head_vocab=1000, sft_steps=2, rm_steps=2,
-                      rl_steps=2,
-                      batch=4, prompts=4, groups=2, generations=2, new_tokens=4, words=12)}
+                      rl_steps=2, batch=4, prompts=4, groups=2, generations=2, new_tokens=4, words=12)}
 
 
 def make_inputs(out: Path, size: dict) -> dict[str, Path]:
