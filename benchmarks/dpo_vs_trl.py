@@ -3,6 +3,7 @@ of both on the same model, pairs, order, learning rate, beta and batch.
 
     python benchmarks/dpo_vs_trl.py --check                          # 20 steps of each loss on a tiny Llama, float32
     python benchmarks/dpo_vs_trl.py --config S --trl [--repeats 3] [--steps 8] [--dtype bfloat16]   # speed; also M
+    python benchmarks/dpo_vs_trl.py --config S --trl --pairs hh      # speed on HH-RLHF's multi-turn dialogues
 
 Both sides train from the same Llama (built from a config) on the same pairs in the same order (TRL reads a file
 written in the order rlhfkit's steps take the pairs, without shuffling), dropout off, AdamW at a constant learning
@@ -10,6 +11,9 @@ rate, the gradient clipped at 1, no gradient checkpointing (TRL's DPO turns it o
 log-probs computed at every step (neither side precomputes them). Configurations (the PPO benchmark's Llamas):
     tiny: hidden 64, 2 layers; pairs of about 70 tokens, batch 8, 20 steps, lr 1e-4, beta 0.1 (--check)
     S: hidden 256, 4 layers (~4.4M); M: hidden 512, 8 layers (~30M); pairs of about 256 tokens, batch 16
+Pairs (--pairs): `synthetic`, a 40-word prompt and two answers of 140-160 random words; or `hh`, Anthropic's HH-RLHF
+dialogues (harmless-base test split, ../shared/datasets beside the checkout; the dialogue data of Rafailov et al.
+2023), the prompt being every turn before the last answer, the pairs whose two sequences both have 161-256 tokens.
 Each side runs in a fresh process, the sides alternate, every process uses the same number of threads; TRL runs in a
 throwaway venv (runs/bench-trl-1.16.0-venv) on this environment's torch and transformers. Speed: the median seconds
 per optimizer step (the first step of each run, with warm-up, left out), as pairs/s; peak resident memory.
@@ -18,6 +22,7 @@ per optimizer step (the first step of each run, with warm-up, left out), as pair
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -39,13 +44,29 @@ CONFIGS = {
     "M": dict(hidden=512, layers=8, heads=8, ffn=2048, prompt_words=40, response_words=(140, 160), batch=16),
 }
 SEED = 0
+HH_RLHF = HERE.parent.parent / "shared" / "datasets" / "hh-rlhf-harmless-base-test.jsonl.gz"
+ASSISTANT = "\n\nAssistant:"
+HH_TOKENS = (160, 256)  # both sequences of a pair: 205 tokens on average, as long as the synthetic pairs
 # rlhfkit's loss and label smoothing, and the TRL loss type they are checked against.
 CASES = {"sigmoid": ("sigmoid", 0.0, "sigmoid"), "ipo": ("ipo", 0.0, "ipo"),
          "sigmoid, label smoothing 0.1 (cDPO)": ("sigmoid", 0.1, "sigmoid"),
          "robust, label smoothing 0.1": ("robust", 0.1, "robust")}
 
 
-def build(work: Path, cfg: dict, steps: int) -> dict:
+def hh_pairs() -> list[dict]:
+    """HH-RLHF's harmless-base test dialogues as prompt (every turn up to the last "Assistant:") and two answers."""
+    rows = []
+    with gzip.open(HH_RLHF, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            cut = row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
+            prompt = row["chosen"][:cut]
+            if row["rejected"].startswith(prompt) and row["chosen"][cut:].strip() and row["rejected"][cut:].strip():
+                rows.append({"prompt": prompt, "chosen": row["chosen"][cut:], "rejected": row["rejected"][cut:]})
+    return rows
+
+
+def build(work: Path, cfg: dict, steps: int, pairs: str = "synthetic") -> dict:
     """Tokenizer (with its pad token, so neither side resizes embeddings), the Llama, the pairs (pairs.jsonl, what
     rlhfkit reads) and the same pairs in the order rlhfkit's steps take them (ordered.jsonl, what TRL reads)."""
     from rlhfkit.data.batching import step_indices
@@ -54,21 +75,39 @@ def build(work: Path, cfg: dict, steps: int) -> dict:
 
     rng = random.Random(0)
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer([sentence(rng, 50) for _ in range(2000)], work / "policy", vocab_size=2048)
+    n = 4 * cfg["batch"]
+    if pairs == "hh":
+        if not HH_RLHF.is_file():
+            raise SystemExit(f"--pairs hh reads {HH_RLHF}, which is not there")
+        dialogues = hh_pairs()
+        texts = [r["prompt"] + r[k] for r in dialogues for k in ("chosen", "rejected")]
+    else:
+        texts = [sentence(rng, 50) for _ in range(2000)]
+    tokenizer = train_tokenizer(texts, work / "policy", vocab_size=2048)
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     make_tiny_model("llama", tokenizer, work / "policy", hidden=cfg["hidden"], layers=cfg["layers"],
                     heads=cfg["heads"], ffn=cfg["ffn"])
-    n = 4 * cfg["batch"]
-    low, high = cfg["response_words"]
-    rows = [{"prompt": f"\n\nHuman: {sentence(rng, cfg['prompt_words'])}\n\nAssistant:",
-             "chosen": " " + sentence(rng, rng.randint(low, high)),
-             "rejected": " " + sentence(rng, rng.randint(low, high))} for _ in range(n)]
+    tokenizer = load_tokenizer(str(work / "policy"))
+
+    def length(row: dict, key: str) -> int:  # with the EOS both sides append
+        return len(tokenizer(row["prompt"] + row[key]).input_ids) + 1
+
+    if pairs == "hh":
+        fits = [r for r in dialogues if HH_TOKENS[0] < length(r, "chosen") <= HH_TOKENS[1]
+                and HH_TOKENS[0] < length(r, "rejected") <= HH_TOKENS[1]]
+        rows = random.Random(0).sample(fits, n)
+    else:
+        low, high = cfg["response_words"]
+        rows = [{"prompt": f"\n\nHuman: {sentence(rng, cfg['prompt_words'])}\n\nAssistant:",
+                 "chosen": " " + sentence(rng, rng.randint(low, high)),
+                 "rejected": " " + sentence(rng, rng.randint(low, high))} for _ in range(n)]
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     order = [i for step in range(steps) for i in step_indices(n, cfg["batch"], SEED, step)]
     (work / "ordered.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
-    tokenizer = load_tokenizer(str(work / "policy"))
-    lengths = [len(tokenizer(r["prompt"] + r[k]).input_ids) + 1 for r in rows for k in ("chosen", "rejected")]
-    return {"vocab": len(tokenizer), "sequence_tokens": statistics.mean(lengths), "pairs": n}
+    lengths = [length(r, k) for r in rows for k in ("chosen", "rejected")]
+    prompts = [len(tokenizer(r["prompt"]).input_ids) for r in rows]
+    return {"vocab": len(tokenizer), "sequence_tokens": statistics.mean(lengths), "pairs": n,
+            "prompt_share": sum(prompts) * 2 / sum(lengths)}
 
 
 # ------------------------------------------------------------------------------------------------------ one side
@@ -164,6 +203,8 @@ def main() -> None:
     parser.add_argument("--trl", action="store_true", help=f"also run TRL {TRL_VERSION} (in a throwaway venv)")
     parser.add_argument("--check", action="store_true", help="the loss and weight cross-check (tiny, 20 steps)")
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
+    parser.add_argument("--pairs", choices=["synthetic", "hh"], default="synthetic",
+                        help="synthetic pairs, or HH-RLHF's dialogues (long prompts shared by both answers)")
     parser.add_argument("--out", default="runs/bench-dpo-vs-trl")
     parser.add_argument("--side", choices=["rlhfkit"], help=argparse.SUPPRESS)  # internal: one run of one side
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -176,8 +217,8 @@ def main() -> None:
     if args.check:
         args.config, args.steps, args.dtype = "tiny", 20, "float32"
     out = Path(args.out)
-    work = out / f"{args.config}-{args.dtype}"
-    facts = build(work, CONFIGS[args.config], args.steps)
+    work = out / (f"{args.config}-{args.dtype}" + ("-hh" if args.pairs == "hh" else ""))
+    facts = build(work, CONFIGS[args.config], args.steps, args.pairs)
     python = trl_python(out.resolve().parent, TRL_VERSION) if args.trl or args.check else None
     if args.check:
         results = check(work, args, python)
@@ -198,7 +239,8 @@ def main() -> None:
                                summarise)
     cfg = CONFIGS[args.config]
     print(f"\nconfig {args.config}: Llama hidden {cfg['hidden']}, {cfg['layers']} layers, FFN {cfg['ffn']}, vocab "
-          f"{facts['vocab']}; pairs of {facts['sequence_tokens']:.0f} tokens per sequence, batch {cfg['batch']}; "
+          f"{facts['vocab']}; {args.pairs} pairs of {facts['sequence_tokens']:.0f} tokens per sequence (the prompt "
+          f"{facts['prompt_share']:.0%} of them), batch {cfg['batch']}; "
           f"{args.dtype}; {args.threads} threads; matrix-product rate here: float32 {rates['float32']:.0f}, bfloat16 "
           f"{rates['bfloat16']:.0f} GFLOP/s")
     for side, m in summary.items():

@@ -137,3 +137,29 @@ def with_eos_bias(model, eos_id: int, bias: float):
     model.set_output_embeddings(biased)
     return model
 
+
+def encoded(prompt: list[int], response: list[int], loss_from: int | None = None):
+    from rlhfkit.data.encode import Encoded
+
+    ids = prompt + response
+    start = len(prompt) if loss_from is None else loss_from
+    return Encoded(ids, [i >= start for i in range(len(ids))], start)
+
+
+def pair_cases(tokenizer) -> list:
+    """Encoded pairs (chosen, rejected, margin 0) with prompts and responses of several lengths; the last shares no
+    first token."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, len(tokenizer) - 1, (n,), generator=g).tolist()
+
+    pairs = []
+    for p, c, r in ((4, 3, 5), (7, 2, 2), (2, 6, 1), (1, 1, 4)):
+        prompt = ids(p)
+        pairs.append((encoded(prompt, ids(c)), encoded(prompt, ids(r)), 0.0))
+    first = ids(2)
+    pairs.append((encoded([first[0]], ids(3)), encoded([first[1]], ids(2)), 0.0))  # no token shared
+    return pairs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Crash, color_preference_rows, crash_at_call, write_jsonl
+from conftest import Crash, color_preference_rows, crash_at_call, encoded, pair_cases, write_jsonl
 from safetensors.torch import load_file
 
 import rlhfkit.dpo.train as dpo_train
@@ -118,61 +118,67 @@ def test_sequence_logprobs_equal_a_loop_over_the_loss_tokens(tiny_models, tokeni
     assert counts.tolist() == [3.0, 3.0]
 
 
-def encoded(prompt: list[int], response: list[int], loss_from: int | None = None):
-    from rlhfkit.data.encode import Encoded
-
-    ids = prompt + response
-    start = len(prompt) if loss_from is None else loss_from
-    return Encoded(ids, [i >= start for i in range(len(ids))], start)
-
-
-def test_shared_prompt_layout():
-    """A pair's prompt is what its sequences share before either carries loss; rows 2i, 2i + 1 hold pair i's
-    responses after that prompt, left-padded to the longest prompt; a pair that shares no first token falls back to
-    whole sequences."""
-    from rlhfkit.data.batching import collate_pairs_shared, shared_prompt_len
+def test_pair_row_layout():
+    """A pair's prompt is what its sequences share before either carries loss; its row holds that prompt, the rest of
+    the chosen sequence, then the rest of the rejected one, whose tokens see the prompt and each other only, at the
+    positions they have in their own sequence."""
+    from rlhfkit.data.batching import collate_pair_rows, shared_prompt_len
 
     a, b = encoded([5, 6, 7], [8, 9]), encoded([5, 6, 7], [10])
     assert shared_prompt_len(a, b) == 3
     assert shared_prompt_len(encoded([5, 6, 7], [8]), encoded([5, 6, 7], [8], loss_from=2)) == 2  # loss stops it
     assert shared_prompt_len(encoded([5, 6], [7, 8]), encoded([5, 9], [7, 8])) == 1
-    batch = collate_pairs_shared([(a, b, 0.0), (encoded([4], [11, 12, 13]), encoded([4], [14]), 0.0)], pad_id=0)
-    assert batch["prompt_len"] == 3 and batch["num_items"] == 2
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [5, 6, 7, 10, 0, 0], [0, 0, 4, 11, 12, 13],
-                                           [0, 0, 4, 14, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1],
-                                                [0, 0, 1, 1, 0, 0]]
-    assert batch["response_mask"].int().tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
-    assert collate_pairs_shared([(a, b, 0.0), (encoded([1], [2]), encoded([3], [2]), 0.0)], pad_id=0) is None
+    batch = collate_pair_rows([(a, b, 0.5), (encoded([4], [11, 12, 13]), encoded([4], [14]), 0.0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [4, 11, 12, 13, 14, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 1, 0]]
+    assert batch["loss_mask"].int().tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 0]]
+    assert batch["source"].tolist() == [[0, 0, 1, 2, 3, 2], [0, 0, 1, 2, 0, 0]]
+    assert batch["segment"].tolist() == [[0, 0, 0, 0, 0, 1], [2, 2, 2, 2, 3, 2]]
+    assert batch["ends"].tolist() == [[4, 5], [3, 4]]
+    assert batch["attention_mask"].shape == (2, 1, 6, 6)
+    assert batch["attention_mask"][1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                                            [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]]
+    assert batch["attention_mask"][0, 0, 5].int().tolist() == [1, 1, 1, 0, 0, 1]  # rejected: prompt and itself
+    assert (batch["num_items"], batch["num_sequences"], batch["num_tokens"]) == (2, 4, 15)
+    assert batch["margin"].tolist() == [0.5, 0.0]
+    # Sequences that share no first token: each row holds both whole, and each sequence's first token never counts.
+    apart = collate_pair_rows([(encoded([1], [2]), encoded([3], [4]), 0.0)], pad_id=0)
+    assert apart["position_ids"].tolist() == [[0, 1, 0, 1]]
+    assert apart["loss_mask"].int().tolist() == [[0, 1, 0, 1]]
+    assert apart["source"][0, [1, 3]].tolist() == [0, 2]
+    assert apart["attention_mask"][0, 0, 3].int().tolist() == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_whole_sequences(arch, tiny_models, tokenizer):
-    """DPO computes each pair's prompt once for its two responses: the same log-prob sums, token counts and
-    parameter gradients as the whole sequences, for prompts and responses of several lengths."""
-    from rlhfkit.data.batching import collate_pairs, collate_pairs_shared
+def test_which_models_take_pair_rows(tiny_models, tokenizer):
+    """sdpa applies the row's mask as given; eager attention (which adds the mask) and sliding windows do not."""
+    from rlhfkit.models import takes_pair_rows
+
+    assert takes_pair_rows(load_causal_lm(str(tiny_models["llama"]), tokenizer))
+    assert not takes_pair_rows(load_causal_lm(str(tiny_models["llama"]), tokenizer, attn_implementation="eager"))
+    windowed = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    windowed.config.sliding_window = 16
+    assert not takes_pair_rows(windowed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_pair_rows_give_the_log_probs_and_gradients_of_whole_sequences(arch, tiny_models, tokenizer):
+    """DPO computes each pair in one row, its prompt once: the same log-prob sums, token counts and parameter
+    gradients as the whole sequences, for prompts and responses of several lengths."""
+    from rlhfkit.data.batching import collate_pair_rows, collate_pairs
 
     model = load_causal_lm(str(tiny_models[arch]), tokenizer).eval()
-    g = torch.Generator().manual_seed(0)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(3, len(tokenizer) - 1, (n,), generator=g).tolist()
-
-    pairs = []
-    for p, c, r in ((4, 3, 5), (7, 2, 2), (2, 6, 1)):
-        prompt = ids(p)
-        pairs.append((encoded(prompt, ids(c)), encoded(prompt, ids(r)), 0.0))
+    pairs = pair_cases(tokenizer)
     results = []
-    for batch in (collate_pairs(pairs, 0), collate_pairs_shared(pairs, 0)):
+    for batch in (collate_pairs(pairs, 0), collate_pair_rows(pairs, 0)):
         model.zero_grad()
         logps = dpo_train.pair_logprobs(model, batch)
         (logps[:, 0] - 0.5 * logps[:, 1]).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (whole, whole_grads), (shared, shared_grads) = results
-    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
-    assert shared[:, 2:].tolist() == [[3.0, 5.0], [2.0, 2.0], [6.0, 1.0]]
+    (whole, whole_grads), (rows, rows_grads) = results
+    torch.testing.assert_close(rows, whole, rtol=0, atol=1e-5)
+    assert rows[:, 2:].tolist() == [[3.0, 5.0], [2.0, 2.0], [6.0, 1.0], [1.0, 4.0], [3.0, 2.0]]
     for name, grad in whole_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Crash, color_preference_rows, color_sft_rows, crash_at_call, write_jsonl
+from conftest import Crash, color_preference_rows, color_sft_rows, crash_at_call, pair_cases, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -189,6 +189,33 @@ def test_sft_then_rm_save_reload_with_plain_transformers(arch, tiny_models, data
     # Scores are read at the last real token: padding a sequence further does not change its score.
     single = score_pairs(reloaded_rm, pairs[:1], tokenizer.pad_token_id, 1, "float32")[0]
     torch.testing.assert_close(single, c_new[:1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", False), ("gpt2", False), ("opt", False), ("llama", True)])
+def test_pair_rows_give_the_scores_and_gradients_of_whole_sequences(arch, lora, tiny_models, tokenizer):
+    """The reward model scores each pair in one row, its prompt once: the same chosen and rejected scores and
+    parameter gradients as the two sequences apart (with a LoRA adapter too, whose head is peft's trainable copy)."""
+    from rlhfkit.data.batching import collate_pair_rows, collate_pairs
+    from rlhfkit.models import add_lora
+    from rlhfkit.rm.scoring import batch_scores
+
+    model = load_sequence_classifier(str(tiny_models[arch]), tokenizer).eval()
+    if lora:
+        model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"], task="SEQ_CLS")
+    pairs = pair_cases(tokenizer)
+    results = []
+    for batch in (collate_pairs(pairs, tokenizer.pad_token_id), collate_pair_rows(pairs, tokenizer.pad_token_id)):
+        model.zero_grad()
+        scores = batch_scores(model, batch)
+        (scores[:, 0] - 0.5 * scores[:, 1]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((scores.detach(), grads))
+    (apart, apart_grads), (rows, rows_grads) = results
+    assert apart.shape == (5, 2) and apart.std() > 0
+    torch.testing.assert_close(rows, apart, rtol=0, atol=1e-5)
+    assert set(rows_grads) == set(apart_grads) and any("score" in n for n in rows_grads)
+    for name, grad in apart_grads.items():
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA RM

@@ -1,11 +1,14 @@
 """Log-probabilities of tokens under a causal LM. SFT's loss, the held-out loss, PTX, DPO's sequence scores and the RL
 code's per-token log-probs are this one computation.
 
-Shapes: B sequences, T tokens (right-padded), V vocabulary; loss_mask (B, T) True at a token whose log-prob counts (a
-response token or its EOS); N = the number of such tokens in the batch.
+Shapes: B sequences (or rows of several, `segment_logprobs`), T tokens (right-padded), V vocabulary; loss_mask (B, T)
+True at a token whose log-prob counts (a response token or its EOS); N = the number of such tokens in the batch; S
+sequences in the batch's rows.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -27,3 +30,31 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     rows = targets.nonzero()[:, 0]  # (N,) the sequence each token belongs to
     sums = torch.zeros(len(targets), dtype=torch.float32, device=token.device).index_add(0, rows, token)
     return sums, targets.sum(1).float()
+
+
+def segment_logprobs(model: torch.nn.Module, batch: dict, n_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `sequence_logprobs`, for rows that hold several sequences (`collate_pair_rows`): the sum of each sequence's
+    token log-probs (S,) float32 and their count (S,).
+
+    batch: input_ids, position_ids, loss_mask, source, segment (B, T) and attention_mask (B, 1, T, T); the token at
+    (b, t) is predicted by the logits at (b, source[b, t]) and belongs to sequence segment[b, t]. Logits are computed
+    only from the first position that predicts a counted token (`logits_to_keep`), not for the prompt before it."""
+    rows, cols = batch["loss_mask"].nonzero(as_tuple=True)  # (N,) each
+    sources = batch["source"][rows, cols]
+    T = batch["input_ids"].shape[1]
+    first = int(sources.min()) if len(sources) and _keeps_logits(model) else 0
+    kwargs = {"logits_to_keep": T - first} if first else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], **kwargs).logits  # (B, T - first, V)
+    token = logprobs_from_logits(logits[rows, sources - first].float(), batch["input_ids"][rows, cols])  # (N,)
+    segments = batch["segment"][rows, cols]
+    sums = torch.zeros(n_segments, dtype=torch.float32, device=token.device).index_add(0, segments, token)
+    counts = torch.zeros(n_segments, dtype=torch.float32, device=token.device).index_add(
+        0, segments, torch.ones_like(token))
+    return sums, counts
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

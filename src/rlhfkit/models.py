@@ -7,6 +7,7 @@ so any Hugging Face reward model loads as is and every model rlhfkit writes load
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -301,6 +302,21 @@ def score_head(model) -> torch.nn.Linear:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions 0, 1, ... over the attended tokens (what generate uses), so padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def takes_pair_rows(model) -> bool:
+    """Whether `model` (possibly wrapped by DDP or peft) computes rows that hold a pair's two sequences
+    (`collate_pair_rows`) as it computes the sequences apart: its attention is `sdpa`, which applies a (B, 1, T, T)
+    boolean mask as given (flash attention kernels take none, and eager attention adds the mask to the scores), its
+    forward takes position_ids, and no layer has a sliding window (which such a mask would not apply)."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    sliding = (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+               or "sliding_attention" in (getattr(config, "layer_types", None) or ()))
+    return not sliding and "position_ids" in inspect.signature(inner.forward).parameters
 
 
 def token_values(classifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

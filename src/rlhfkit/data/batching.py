@@ -31,6 +31,11 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch with its tensors on `device` (its numbers as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def pad_right(sequences: list[list[int]], pad_id: int, masks: list[list[bool]] | None = None
               ) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask (and loss_mask when masks are given), each (B, T) with T the longest sequence."""
@@ -68,25 +73,49 @@ def shared_prompt_len(chosen, rejected) -> int:
     return n
 
 
-def collate_pairs_shared(pairs: list, pad_id: int) -> dict | None:
-    """Encoded pairs (chosen, rejected, margin) laid out so that each pair's prompt can be computed once for its two
-    responses: rows 2i and 2i + 1 are pair i's chosen and rejected sequence, its shared prompt left-padded to P and
-    the rest right-padded to R. input_ids, attention_mask (2B, P + R); response_mask (2B, R) True where a token's
-    log-prob counts; prompt_len P; num_items B. None when a pair's sequences share no first token (then
-    `collate_pairs`)."""
-    splits = [shared_prompt_len(chosen, rejected) for chosen, rejected, _ in pairs]
-    if min(splits) == 0:
-        return None
-    P = max(splits)
-    rows = [(sequence, n) for (chosen, rejected, _), n in zip(pairs, splits) for sequence in (chosen, rejected)]
-    R = max(len(sequence.input_ids) - n for sequence, n in rows)
-    input_ids = torch.full((len(rows), P + R), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), P + R), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), R), dtype=torch.bool)
-    for i, (sequence, n) in enumerate(rows):
-        k = len(sequence.input_ids) - n
-        input_ids[i, P - n:P + k] = torch.tensor(sequence.input_ids, dtype=torch.long)
-        attention_mask[i, P - n:P + k] = 1
-        response_mask[i, :k] = torch.tensor(sequence.loss_mask[n:], dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "prompt_len": P, "num_items": len(pairs)}
+def collate_pair_rows(pairs: list, pad_id: int) -> dict:
+    """Encoded pairs (chosen, rejected, margin), one row per pair, so that the prompt both sequences share is computed
+    once: that prompt, the rest of the chosen sequence, the rest of the rejected one, then padding to L. The rejected
+    tokens attend to the prompt and to each other but not to the chosen tokens, and their positions go on from the
+    prompt's: every token sees what it sees in its own sequence. On HH-RLHF's dialogues, where the prompt is most of a
+    pair, a batch of rows is about 60% of the tokens of the chosen and rejected sequences padded apart.
+
+    input_ids, position_ids (B, L) long; attention_mask (B, 1, L, L) bool, True where query i attends key j (a pad
+    position attends itself, so that no softmax row is empty); loss_mask (B, L) bool, True at a token whose log-prob
+    counts; source (B, L) long, the position whose logits predict the token here; segment (B, L) long, 2i for pair i's
+    chosen tokens and 2i + 1 for its rejected ones; ends (B, 2) long, the positions of the chosen and rejected
+    sequences' last tokens (where a reward model reads its score); margin (B,); num_items B; num_sequences 2B;
+    num_tokens the tokens of the 2B sequences."""
+    rows = []
+    for chosen, rejected, _ in pairs:
+        n, c, r = shared_prompt_len(chosen, rejected), len(chosen.input_ids), len(rejected.input_ids)
+        rows.append((chosen, rejected, n, c, r))
+    L = max(c + r - n for _, _, n, c, r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    part = torch.full((B, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    loss_mask = torch.zeros((B, L), dtype=torch.bool)
+    source = torch.zeros((B, L), dtype=torch.long)
+    ends = torch.zeros((B, 2), dtype=torch.long)
+    for i, (chosen, rejected, n, c, r) in enumerate(rows):
+        input_ids[i, :c] = torch.tensor(chosen.input_ids, dtype=torch.long)
+        input_ids[i, c:c + r - n] = torch.tensor(rejected.input_ids[n:], dtype=torch.long)
+        position_ids[i, :c + r - n] = torch.cat([torch.arange(c), torch.arange(n, r)])
+        part[i, :n], part[i, n:c], part[i, c:c + r - n] = 0, 1, 2
+        # A sequence's first token has no predecessor and never counts.
+        loss_mask[i, 1:c] = torch.tensor(chosen.loss_mask[1:], dtype=torch.bool)
+        loss_mask[i, c + max(0, 1 - n):c + r - n] = torch.tensor(rejected.loss_mask[max(n, 1):], dtype=torch.bool)
+        source[i, 1:c] = torch.arange(c - 1)
+        if r > n:
+            source[i, c:c + r - n] = torch.cat([torch.tensor([n - 1]), torch.arange(c, c + r - n - 1)])
+        ends[i] = torch.tensor([c - 1, c + r - n - 1 if r > n else n - 1])
+    index = torch.arange(L)
+    same_part = (part[:, None, :] == part[:, :, None]) | (part[:, None, :] == 0)  # (B, query, key)
+    attention_mask = (index[None, :] <= index[:, None]) & same_part & (part[:, None, :] != 3)
+    attention_mask |= torch.eye(L, dtype=torch.bool)
+    segment = 2 * torch.arange(B)[:, None] + (part == 2).long()
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask[:, None],
+            "loss_mask": loss_mask, "source": source, "segment": segment, "ends": ends,
+            "margin": torch.tensor([p[2] for p in pairs], dtype=torch.float32), "num_items": B,
+            "num_sequences": 2 * B, "num_tokens": sum(c + r for _, _, _, c, r in rows)}

@@ -1,8 +1,7 @@
 """Offline preference optimisation, `rlhfkit dpo`: DPO, cDPO, robust DPO, IPO and SimPO (with RPO's NLL term) train
 the policy on preference pairs directly, without a reward model or sampling.
 
-Each pair's prompt goes through the policy once and its keys and values serve both responses (as a GRPO group's do);
-the log-probs of the response tokens (EOS included) are summed; the frozen reference (the starting model, `--ref`, or under LoRA the policy with
+Each pair is one row, its prompt computed once for both responses (`collate_pair_rows`); the log-probs of the response tokens (EOS included) are summed; the frozen reference (the starting model, `--ref`, or under LoRA the policy with
 its adapter disabled) gives the same sums once more, or once for the whole run with `--precompute-ref`. The losses are
 pure functions in dpo/losses.py; the driver shared with SFT and the reward model (training/supervised.py) does the rest.
 """
@@ -18,12 +17,11 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import option, require
-from rlhfkit.data.batching import chunks, collate_pairs, collate_pairs_shared
+from rlhfkit.data.batching import chunks, collate_pair_rows, collate_pairs, to_device
 from rlhfkit.data.encode import EncodeStats, encode_pairs
 from rlhfkit.dpo.losses import LOSSES, REFERENCE_FREE, PreferenceLoss, preference_loss
-from rlhfkit.logprobs import sequence_logprobs
-from rlhfkit.models import autocast, check_positions, disable_dropout, is_peft, load_causal_lm
-from rlhfkit.rl.rollout import group_logprobs
+from rlhfkit.logprobs import segment_logprobs, sequence_logprobs
+from rlhfkit.models import autocast, check_positions, disable_dropout, is_peft, load_causal_lm, takes_pair_rows
 from rlhfkit.training.common import check_model_path, log, with_lora
 from rlhfkit.training.distributed import adapter_disabled, gather_share, place_frozen, strided_share, unwrap
 from rlhfkit.training.supervised import Objective, Prepared, Stage, SupervisedConfig, run_supervised
@@ -80,18 +78,17 @@ def load_model(config: DPOConfig, tokenizer):
     return model
 
 
-def pair_batch(pairs: list, pad_id: int) -> dict:
-    """A batch of encoded pairs, each prompt to be computed once when the pairs' sequences share one."""
-    return collate_pairs_shared(pairs, pad_id) or collate_pairs(pairs, pad_id)
+def pair_batch(pairs: list, pad_id: int, rows: bool) -> dict:
+    """A batch of encoded pairs: one row per pair, its prompt computed once (`collate_pair_rows`), when `rows` (the
+    model takes such rows: `takes_pair_rows`), else the chosen and rejected sequences apart."""
+    return collate_pair_rows(pairs, pad_id) if rows else collate_pairs(pairs, pad_id)
 
 
 def pair_logprobs(model, batch: dict) -> torch.Tensor:
     """(B, 4): chosen and rejected log-probs, chosen and rejected token counts, for a `pair_batch`."""
-    if "prompt_len" in batch:  # rows 2i, 2i + 1: pair i's responses after its prompt
-        logps, _ = group_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2, 1.0)
-        mask = batch["response_mask"]
-        sums, tokens = torch.where(mask, logps, 0.0).sum(1), mask.sum(1).float()
-        return torch.stack([sums[0::2], sums[1::2], tokens[0::2], tokens[1::2]], 1)
+    if "segment" in batch:  # pair i's chosen and rejected tokens are segments 2i and 2i + 1 of row i
+        sums, counts = segment_logprobs(model, batch, 2 * batch["num_items"])
+        return torch.cat([sums.view(-1, 2), counts.view(-1, 2)], 1)
     logps, tokens = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     return torch.stack([*logps.chunk(2), *tokens.chunk(2)], 1)
 
@@ -100,12 +97,12 @@ def pair_logprobs(model, batch: dict) -> torch.Tensor:
 def logprobs_of(model, pairs: list, pad_id: int, micro: int, dtype: str, world) -> torch.Tensor:
     """`pair_logprobs` of every pair, (N, 4) in order; each rank computes a share."""
     share, _ = strided_share(pairs, world)
-    rows = []
+    rows, found = takes_pair_rows(model), []
     for part in chunks(share, micro):
-        batch = {k: v.to(world.device) if torch.is_tensor(v) else v for k, v in pair_batch(part, pad_id).items()}
+        batch = to_device(pair_batch(part, pad_id, rows), world.device)
         with autocast(dtype, world.device):
-            rows.append(pair_logprobs(model, batch).cpu())
-    return gather_share(torch.cat(rows), len(pairs), world)
+            found.append(pair_logprobs(model, batch).cpu())
+    return gather_share(torch.cat(found), len(pairs), world)
 
 
 def pair_sums(loss: torch.Tensor, chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
@@ -162,8 +159,10 @@ def objective(run: Prepared) -> Objective:
         ref_chosen, ref_rejected = ref.unbind(1) if ref is not None else (None, None)
         return preference_loss(settings, logps[:, 0], logps[:, 1], ref_chosen, ref_rejected, logps[:, 2], logps[:, 3])
 
+    rows = takes_pair_rows(run.model) and (ref_model is None or takes_pair_rows(ref_model))
+
     def collate(indices: list[int]) -> dict:
-        batch = pair_batch([run.train_set[i] for i in indices], pad)
+        batch = pair_batch([run.train_set[i] for i in indices], pad, rows)
         batch["index"] = torch.tensor(indices)
         return batch
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from rlhfkit.config import ConfigError
-from rlhfkit.data.batching import chunks, step_indices
+from rlhfkit.data.batching import chunks, step_indices, to_device
 from rlhfkit.data.encode import EncodeStats, Encoded, encode_conversation, encode_prompt
 from rlhfkit.data.formats import PromptExample
 from rlhfkit.data.loading import load_examples, write_problems
@@ -333,8 +333,7 @@ def ptx_backward(actor, data: Data, update_step: int, settings: UpdateSettings, 
     total = 0.0
     for i, batch in enumerate(batches):
         with gradient_sync(actor, i == len(batches) - 1), autocast(settings.passes.dtype, world.device):
-            loss_sum, _ = sft_loss(actor, {k: v.to(world.device) if torch.is_tensor(v) else v
-                                           for k, v in batch.items()})
+            loss_sum, _ = sft_loss(actor, to_device(batch, world.device))
             (settings.ptx_coef * loss_sum * world.size / n_tokens).backward()
         total += loss_sum.item()
     return total / n_tokens

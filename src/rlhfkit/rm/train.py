@@ -1,7 +1,9 @@
 """Stage 2, reward model: a one-label sequence classifier trained on preference pairs.
 
-The score of a sequence is the head's output at its last non-pad token (the EOS after the response), as Hugging Face's
-`*ForSequenceClassification` computes it; chosen and rejected sequences of a batch go through one forward pass.
+The score of a sequence is the head's output at its last token (the EOS after the response), where Hugging Face's
+`*ForSequenceClassification` reads it. A pair is one row, its prompt computed once for both responses
+(`collate_pair_rows`), where the model allows it; otherwise its chosen and rejected sequences go through one forward
+pass side by side.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import option
-from rlhfkit.data.batching import collate_pairs
+from rlhfkit.data.batching import collate_pair_rows, collate_pairs
 from rlhfkit.data.encode import EncodeStats, encode_pairs
-from rlhfkit.models import load_sequence_classifier
+from rlhfkit.models import load_sequence_classifier, takes_pair_rows
 from rlhfkit.rm.losses import LOSSES, pairwise_loss
-from rlhfkit.rm.scoring import pair_metrics, score_pairs, sequence_scores
+from rlhfkit.rm.scoring import batch_scores, pair_metrics, score_pairs
 from rlhfkit.training.common import log, with_lora
 from rlhfkit.training.supervised import Objective, Prepared, Stage, SupervisedConfig, run_supervised
 
@@ -30,8 +32,7 @@ class RMConfig(SupervisedConfig):
 
 def rm_loss_fn(loss_name: str):
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-        chosen, rejected = scores.chunk(2)
+        chosen, rejected = batch_scores(model, batch).unbind(1)
         losses = pairwise_loss(loss_name, chosen, rejected, batch["margin"])
         with torch.no_grad():
             stats = {"accuracy": (chosen > rejected).float().sum().item(), "chosen_score": chosen.sum().item(),
@@ -68,8 +69,9 @@ def objective(run: Prepared) -> Objective:
         log.info(f"reward model scores: mean {stats['mean']:.4f}, std {stats['std']:.4f}")
         return {"reward_stats": stats}
 
+    collate_fn = collate_pair_rows if takes_pair_rows(run.model) else collate_pairs
     return Objective(loss_fn=rm_loss_fn(config.loss),
-                     collate=lambda indices: collate_pairs([run.train_set[i] for i in indices], pad),
+                     collate=lambda indices: collate_fn([run.train_set[i] for i in indices], pad),
                      evaluate=evaluate, final=final)
 
 

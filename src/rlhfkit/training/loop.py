@@ -17,12 +17,15 @@ from typing import Any, Callable
 
 import torch
 
+from rlhfkit.data.batching import to_device
 from rlhfkit.models import autocast
 from rlhfkit.training.distributed import World, full_tensor, gradient_sync
 from rlhfkit.training.guards import TrainingError, check_finite, check_trained, step_schedule
 from rlhfkit.training.metrics import RunLogger
 
-MicroBatch = dict[str, Any]  # tensors (B, T) plus "num_items": how many loss items (tokens or pairs) it holds
+# tensors (B, T) plus "num_items": how many loss items (tokens or pairs) it holds; a batch whose rows are not one
+# sequence each also says "num_sequences" and "num_tokens"
+MicroBatch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -79,14 +82,14 @@ def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn:
                world: World = World()) -> StepStats:
     """One optimizer step over this rank's micro-batches of one global batch (all of it on one process)."""
     start = time.perf_counter()
-    local = [sum(mb["num_items"] for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
-             sum(mb["input_ids"].shape[0] for mb in micro_batches)]
+    local = [sum(mb["num_items"] for mb in micro_batches), sum(_tokens(mb) for mb in micro_batches),
+             sum(mb.get("num_sequences", mb["input_ids"].shape[0]) for mb in micro_batches)]
     n_items, tokens, sequences = world.sum(local)
     # DDP and FSDP average the ranks' gradients: dividing by n_items / size makes that the global batch's sum / n_items.
     divisor = n_items / world.size
     total_loss, sums, finite = 0.0, {}, True
     for i, mb in enumerate(micro_batches):
-        mb = {k: v.to(world.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        mb = to_device(mb, world.device)
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast(dtype, world.device):
                 loss_sum, stats = loss_fn(model, mb)
@@ -104,6 +107,11 @@ def train_step(model: torch.nn.Module, micro_batches: list[MicroBatch], loss_fn:
                      lr=stepped.lrs["model"], seconds=time.perf_counter() - start, sequences=int(sequences),
                      tokens=int(tokens), skipped=not finite,
                      extra={k: v / n_items for k, v in sums.items()} if finite else {})
+
+
+def _tokens(mb: MicroBatch) -> int:
+    """The tokens of a micro-batch's sequences (a batch of pair rows says how many; its mask is (B, 1, L, L))."""
+    return mb["num_tokens"] if "num_tokens" in mb else int(mb["attention_mask"].sum())
 
 
 def fit(model: torch.nn.Module, *, loss_fn: LossFn, step_batches: Callable[[int], list[MicroBatch]],
