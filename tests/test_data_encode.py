@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.data.batching import _permutation, chunks, pad_right, step_indices
+from rlhfkit.data.batching import _permutation, chunks, pad_right, shared_prompt_len, step_indices
 from rlhfkit.data.encode import (EncodeStats, bos_ids, encode_conversation, encode_pair, encode_prompt,
                                  truncate)
 from rlhfkit.data.formats import Conversation, Message, PreferencePair, PromptExample, normalise_sft
@@ -242,7 +242,9 @@ def test_pair_truncation_and_dropping(tokenizer):
     max_len = len(full_chosen.input_ids) - 2
     chosen, rejected = encode_pair(pair, tokenizer, "human-assistant", max_len, stats)
     assert chosen.input_ids == full_chosen.input_ids[:1] + full_chosen.input_ids[3:]
-    assert rejected.input_ids == full_rejected.input_ids  # already short enough
+    # The rejected sequence fits, but loses the same prompt tokens: both answers keep the same context.
+    assert rejected.input_ids == full_rejected.input_ids[:1] + full_rejected.input_ids[3:]
+    assert shared_prompt_len(chosen, rejected) == full_chosen.response_start - 2
     assert (stats.rows, stats.truncated, stats.dropped) == (1, 1, 0)
     chosen_response = len(full_chosen.input_ids) - full_chosen.response_start
     assert encode_pair(pair, tokenizer, "human-assistant", chosen_response + 1, stats) is None

@@ -105,11 +105,15 @@ def encode_conversation(conv: Conversation, tokenizer, template: str, max_len: i
 
 def encode_pair(pair: PreferencePair, tokenizer, template: str, max_len: int, stats: EncodeStats
                 ) -> tuple[Encoded, Encoded] | None:
-    """(chosen, rejected), each prompt + response + EOS; None when either response cannot fit."""
+    """(chosen, rejected), each prompt + response + EOS; None when either response cannot fit.
+
+    When the longer sequence is over `max_len`, both lose the same prompt tokens, so that the two responses are
+    judged in the same context (and the prompt they share stays one, for `collate_pair_rows`)."""
     keep = len(bos_ids(tokenizer))
-    results = [truncate(tokenize_segments(render(pair.prompt + response, template, tokenizer, raw=pair.raw),
-                                          tokenizer), max_len, keep_start=keep)
-               for response in (pair.chosen, pair.rejected)]
+    both = [tokenize_segments(render(pair.prompt + response, template, tokenizer, raw=pair.raw), tokenizer)
+            for response in (pair.chosen, pair.rejected)]
+    excess = max(0, max(len(e.input_ids) for e in both) - max_len)
+    results = [truncate(e, len(e.input_ids) - excess, keep_start=keep) for e in both]
     stats.rows += 1
     (chosen, chosen_cut), (rejected, rejected_cut) = results
     if chosen is None or rejected is None:
