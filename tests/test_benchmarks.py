@@ -166,3 +166,11 @@ def test_bf16_width_benchmark_runs():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("hidden |") and lines[1].startswith("32 | ") and lines[1].endswith("x")
+
+
+def test_pair_rows_benchmark_runs(tmp_path, monkeypatch, capsys):
+    printed = run_script(BENCH.parent / "pair_rows.py", ["--data", "demo", "--steps", "3", "--threads", "1", "--out",
+                                                         str(tmp_path)], monkeypatch, capsys)
+    assert "| rm |" in printed and "| dpo |" in printed
+    share = float(printed.split("padded tokens of the rows / apart: ")[1].split()[0])
+    assert 0.5 < share < 0.8  # the demo's prompts are about a third of a pair's tokens
