@@ -1,8 +1,9 @@
 """Offline preference optimisation, `rlhfkit dpo`: DPO, cDPO, robust DPO, IPO and SimPO (with RPO's NLL term) train
 the policy on preference pairs directly, without a reward model or sampling.
 
-Each pair is one row, its prompt computed once for both responses (`collate_pair_rows`); the log-probs of the response tokens (EOS included) are summed; the frozen reference (the starting model, `--ref`, or under LoRA the policy with
-its adapter disabled) gives the same sums once more, or once for the whole run with `--precompute-ref`. The losses are
+Each pair is one row, its prompt computed once for both responses (`collate_pair_rows`); the log-probs of the
+response tokens (EOS included) are summed; the frozen reference (the starting model, `--ref`, or under LoRA the policy
+with its adapter disabled) gives the same sums once more, or once for the whole run with `--precompute-ref`. The losses are
 pure functions in dpo/losses.py; the driver shared with SFT and the reward model (training/supervised.py) does the rest.
 """
 

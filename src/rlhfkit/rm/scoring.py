@@ -13,7 +13,7 @@ from rlhfkit.training.distributed import World, gather_share, strided_share, unw
 
 
 def batch_scores(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """(B, 2) chosen and rejected scores of a batch of B pairs, as `collate_pair_rows` or `collate_pairs` lays it out."""
+    """(B, 2) chosen and rejected scores of B pairs, laid out by `collate_pair_rows` or `collate_pairs`."""
     if "ends" in batch:
         return pair_scores(model, batch)
     return torch.stack(sequence_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2), 1)
