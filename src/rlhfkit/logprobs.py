@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from rlhfkit.models import transformers_model
+
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels): logits (..., V) float, labels (...) long -> (...). (The logit minus the log-sum-exp: no
@@ -55,6 +57,4 @@ def segment_logprobs(model: torch.nn.Module, batch: dict, n_segments: int) -> tu
 
 
 def _keeps_logits(model: torch.nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters

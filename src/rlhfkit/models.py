@@ -304,13 +304,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DDP and a peft wrapper (either may be absent): what its forward accepts and
+    its config say what the model can do."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def takes_pair_rows(model) -> bool:
     """Whether `model` (possibly wrapped by DDP or peft) computes rows that hold a pair's two sequences
     (`collate_pair_rows`) as it computes the sequences apart: its attention is `sdpa`, which applies a (B, 1, T, T)
     boolean mask as given (flash attention kernels take none, and eager attention adds the mask to the scores), its
     forward takes position_ids, and no layer has a sliding window (which such a mask would not apply)."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = transformers_model(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from rlhfkit.models import position_ids
+from rlhfkit.models import position_ids, transformers_model
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ _reported: set[str] = set()
 
 def driver(model) -> Driver | str:
     """The way to drive `model` (a causal LM, possibly a peft model) with the buffer cache, or why it cannot be."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = transformers_model(model)
     config = getattr(inner, "config", None)
     params = set(inspect.signature(inner.forward).parameters)
     cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
