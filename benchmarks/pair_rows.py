@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 
-
 def build(data: str, work: Path) -> tuple[list, object, Path, int]:
     """(encoded pairs, tokenizer, model folder, pairs per batch)."""
     from rlhfkit.data.encode import EncodeStats, encode_pairs

@@ -3,8 +3,9 @@ the policy on preference pairs directly, without a reward model or sampling.
 
 Each pair is one row, its prompt computed once for both responses (`collate_pair_rows`); the log-probs of the
 response tokens (EOS included) are summed; the frozen reference (the starting model, `--ref`, or under LoRA the policy
-with its adapter disabled) gives the same sums once more, or once for the whole run with `--precompute-ref`. The losses are
-pure functions in dpo/losses.py; the driver shared with SFT and the reward model (training/supervised.py) does the rest.
+with its adapter disabled) gives the same sums once more, or once for the whole run with `--precompute-ref`. The
+losses are pure functions in dpo/losses.py; the driver shared with SFT and the reward model (training/supervised.py)
+does the rest.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from rlhfkit.logprobs import logprobs_from_logits
 from rlhfkit.models import checkpoints_activations, position_ids, token_values
 from rlhfkit.rl.core import entropy_from_logits, truncate_after_stop
 from rlhfkit.rl.sampler import Sampling, driver, report_fallback, sample  # Sampling: callers import it from here
+from rlhfkit.training.distributed import unwrap
 
 
 @dataclass
@@ -222,7 +223,7 @@ def group_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     G = group_size
     # DDP prepares its gradient reduction in each forward call, so the prompt pass goes to the module it wraps; the
     # gradient reaches the same parameters either way.
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = unwrap(model)
     drive = driver(inner)
     # Each row whole for a model the sampler cannot drive, and under gradient checkpointing: transformers drops the
     # cache there (a checkpointed layer would write it again when the backward pass recomputes it).
