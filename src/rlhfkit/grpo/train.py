@@ -56,8 +56,9 @@ class GRPOSettings:
         return self.rollout.sampling.samples_per_prompt
 
     @classmethod
-    def of(cls, config: GRPOConfig) -> GRPOSettings:
-        return cls(rollout_settings(config, config.num_generations), update_settings(config, config.cliprange_high),
+    def of(cls, config: GRPOConfig, actor: torch.nn.Module) -> GRPOSettings:
+        return cls(rollout_settings(config, actor, config.num_generations),
+                   update_settings(config, actor, config.cliprange_high),
                    config.estimator, config.kl_coef, config.kl_estimator, config.kl_in_reward, config.std_eps,
                    config.dynamic_sampling, config.missing_eos_penalty, config.missing_eos_score)
 
@@ -212,7 +213,7 @@ def run_grpo(config: GRPOConfig) -> Path:
     trained = Trained({"actor": (actor, optimizer, make_scheduler(optimizer, config.lr_schedule, config.warmup_steps,
                                                                   steps))})
     start = int(resume_run(resume, trained, config, world, {"actor": "lr"})["step"]) if resume is not None else 0
-    settings = GRPOSettings.of(config)
+    settings = GRPOSettings.of(config, actor)
     train(config, "grpo", iterations, start,
           lambda i: grpo_iteration(i, settings, models, data, trained, tokenizer, world),
           lambda step: save_run(out, step, trained, {}, config, "grpo", world), out, world,

@@ -61,10 +61,10 @@ class PPOSettings:
     critic_warmup_steps: int
 
     @classmethod
-    def of(cls, config: PPOConfig) -> PPOSettings:
-        return cls(rollout_settings(config), update_settings(config), config.reward_norm, config.reward_clip,
-                   config.missing_eos_penalty, config.missing_eos_score, config.kl_estimator, config.gamma,
-                   config.lam, config.whiten_advantages, config.cliprange_value, config.vf_coef,
+    def of(cls, config: PPOConfig, actor: torch.nn.Module) -> PPOSettings:
+        return cls(rollout_settings(config, actor), update_settings(config, actor), config.reward_norm,
+                   config.reward_clip, config.missing_eos_penalty, config.missing_eos_score, config.kl_estimator,
+                   config.gamma, config.lam, config.whiten_advantages, config.cliprange_value, config.vf_coef,
                    config.critic_warmup_steps)
 
 
@@ -284,7 +284,7 @@ def run_ppo(config: PPOConfig) -> Path:
         save_run(out, step, state.trained, {"kl_coef": state.kl_ctl.value, "reward_moments": vars(state.moments)},
                  config, "ppo", world, extra)
 
-    settings = PPOSettings.of(config)
+    settings = PPOSettings.of(config, models.actor)
     train(config, "ppo", iterations, start, lambda i: ppo_iteration(i, settings, models, data, state, tokenizer, world),
           save, out, world, snapshot_actor(config, models.actor, tokenizer, out, world))
 

@@ -29,8 +29,8 @@ from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.rl.loop import Iteration, LoopSettings, run_iterations
-from rlhfkit.training.common import (SNAPSHOTS, Resume, log, rows_per_pass, run_state, save_final, set_peak_lr,
-                                     set_weight_decay, with_lora)
+from rlhfkit.training.common import (SNAPSHOTS, Resume, log, model_scale, rows_per_pass, run_state, save_final,
+                                     set_peak_lr, set_weight_decay, with_lora)
 from rlhfkit.training.distributed import (World, adapter_disabled, gathered, gradient_sync, place_frozen, rank_share,
                                           wrap_model)
 from rlhfkit.training.guards import TrainingError
@@ -46,9 +46,10 @@ class Passes:
     micro_batch_tokens: int
     dtype: str
     offload_frozen: bool
+    model_scale: int = 0  # the policy's hidden size x layers: sets the default token budget on CPU
 
     def rows(self, width: int, device) -> int:
-        return rows_per_pass(self.micro_batch_size, self.micro_batch_tokens, width, device)
+        return rows_per_pass(self.micro_batch_size, self.micro_batch_tokens, width, device, self.model_scale)
 
 
 @dataclass(frozen=True)
@@ -80,21 +81,22 @@ class UpdateSettings:
     passes: Passes
 
 
-def passes_of(config: RLConfig) -> Passes:
-    return Passes(config.micro_batch_size, config.micro_batch_tokens, config.dtype, config.offload_frozen)
+def passes_of(config: RLConfig, actor: torch.nn.Module) -> Passes:
+    return Passes(config.micro_batch_size, config.micro_batch_tokens, config.dtype, config.offload_frozen,
+                  model_scale(actor))
 
 
-def rollout_settings(config: RLConfig, samples_per_prompt: int = 1) -> RolloutSettings:
+def rollout_settings(config: RLConfig, actor: torch.nn.Module, samples_per_prompt: int = 1) -> RolloutSettings:
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                         tuple(config.stop_strings), samples_per_prompt)
-    return RolloutSettings(config.batch_size, config.seed, sampling, passes_of(config), config.num_samples)
+    return RolloutSettings(config.batch_size, config.seed, sampling, passes_of(config, actor), config.num_samples)
 
 
-def update_settings(config: RLConfig, cliprange_high: float = 0.0) -> UpdateSettings:
+def update_settings(config: RLConfig, actor: torch.nn.Module, cliprange_high: float = 0.0) -> UpdateSettings:
     return UpdateSettings(config.ppo_epochs, config.mini_batch, config.cliprange, cliprange_high or config.cliprange,
                           config.dual_clip, config.entropy_coef, config.loss_agg, config.max_new_tokens,
                           config.temperature, config.max_grad_norm, config.ptx_coef,
-                          config.ptx_batch_size or config.mini_batch, config.seed, passes_of(config))
+                          config.ptx_batch_size or config.mini_batch, config.seed, passes_of(config, actor))
 
 
 # ----------------------------------------------------------------------------------------------------------- data
