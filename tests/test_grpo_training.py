@@ -260,3 +260,16 @@ def test_an_empty_prompt_file_stops_before_any_model_loads(tiny_models, files, t
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"nothing": 1}])
     with pytest.raises(ConfigError, match="prompts: no valid rows"):
         run_grpo(grpo_config(tiny_models["llama"], files, tmp_path / "e", prompts=[str(empty)], skip_invalid=True))
+
+
+def test_passes_are_sized_to_the_actor_unless_set(tiny_models, files, tmp_path):
+    from rlhfkit.training.common import cpu_pass_tokens, model_shape
+
+    tokenizer = load_tokenizer(str(tiny_models["llama"]))
+    actor = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    sized = grpo_train.GRPOSettings.of(grpo_config(tiny_models["llama"], files, tmp_path), actor)
+    assert sized.update.passes.cpu_tokens == sized.rollout.passes.cpu_tokens == cpu_pass_tokens(*model_shape(actor))
+    assert sized.update.passes.rows(100, "cpu") == 16384 // 100  # the tiny 32 x 2 model: the largest budget
+    pinned = grpo_train.GRPOSettings.of(grpo_config(tiny_models["llama"], files, tmp_path, micro_batch_tokens=2048),
+                                        actor)
+    assert pinned.update.passes.rows(100, "cpu") == 2048 // 100

@@ -24,7 +24,7 @@ from rlhfkit.data.encode import encode_pairs
 from rlhfkit.rm.scoring import score_pairs
 from rlhfkit.rm.train import RMConfig, run_rm
 from rlhfkit.sft.train import SFTConfig, run_sft
-from rlhfkit.training.common import make_optimizer, make_scheduler, model_scale, rows_per_pass
+from rlhfkit.training.common import cpu_pass_tokens, make_optimizer, make_scheduler, model_shape, rows_per_pass
 from rlhfkit.training.guards import TrainingError
 from rlhfkit.training.loop import fit, train_step
 from rlhfkit.training.metrics import RunLogger
@@ -583,21 +583,29 @@ def test_rows_per_pass_fills_the_token_budget():
     assert rows_per_pass(0, 0, 176, gpu) == 93  # 16384 // 176
     assert rows_per_pass(0, 1000, 176, cpu) == 5
     assert rows_per_pass(0, 100, 176, cpu) == 1  # at least one row
-    # The CPU default scales with the policy's hidden size x layers: 2048 tokens from 512 x 8 up, more below.
-    assert rows_per_pass(0, 0, 176, cpu, 512 * 8) == 11
-    assert rows_per_pass(0, 0, 176, cpu, 2048 * 24) == 11  # never below 2048
-    assert rows_per_pass(0, 0, 176, cpu, 256 * 4) == 46  # 8192 // 176
-    assert rows_per_pass(0, 0, 176, cpu, 32 * 2) == 93  # capped at 16384
-    assert rows_per_pass(0, 0, 176, gpu, 256 * 4) == 93  # GPUs keep 16384
-    assert rows_per_pass(0, 1000, 176, cpu, 256 * 4) == 5  # an explicit budget wins
+    assert rows_per_pass(0, 0, 176, cpu, 8192) == 46  # a budget sized to the model (cpu_pass_tokens)
+    assert rows_per_pass(0, 0, 176, gpu, 8192) == 93  # GPUs keep 16384
+    assert rows_per_pass(0, 1000, 176, cpu, 8192) == 5  # an explicit budget wins
 
 
-def test_model_scale_reads_hidden_size_and_layers_through_peft(tiny_models):
+def test_cpu_pass_tokens_scale_with_the_model_and_bound_the_logits():
+    assert cpu_pass_tokens(512 * 8, 2048) == 2048  # the 30M Llama the budget was measured on
+    assert cpu_pass_tokens(2048 * 24, 32000) == 2048  # never below 2048
+    assert cpu_pass_tokens(256 * 4, 453) == 8192  # 4x narrower per token: 4x the tokens
+    assert cpu_pass_tokens(128 * 4, 600) == 16384  # the demo's model: capped
+    assert cpu_pass_tokens(32 * 2, 0) == 16384  # vocabulary unknown: no logits bound
+    assert cpu_pass_tokens(256 * 4, 16384) == 4096  # logits of 2048 x 32768 at most
+    assert cpu_pass_tokens(64 * 8, 50257) == 2048  # a small model with a large vocabulary keeps 2048
+    assert cpu_pass_tokens(0, 0) == 2048  # nothing known: the plain default
+
+
+def test_model_shape_reads_the_config_through_peft(tiny_models):
     from peft import LoraConfig, get_peft_model
 
     tokenizer = load_tokenizer(str(tiny_models["llama"]))
     model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
-    assert model_scale(model) == 32 * 2
+    shape = (32 * 2, model.config.vocab_size)
+    assert model_shape(model) == shape
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    assert model_scale(lora) == 32 * 2
-    assert model_scale(torch.nn.Linear(2, 2)) == 0  # no config: the plain default
+    assert model_shape(lora) == shape
+    assert model_shape(torch.nn.Linear(2, 2)) == (0, 0)  # no config: the plain default

@@ -91,8 +91,8 @@ class RLConfig(CommonConfig):
                                       "micro_batch_tokens allows", group="training")
     micro_batch_tokens: int = option(0, "with micro_batch_size 0: padded tokens per forward pass (0 = 16384 on GPU; "
                                         "on CPU 2048 for a policy of hidden size x layers >= 512 x 8, where larger "
-                                        "passes are slower per token, more for smaller ones, up to 16384)",
-                                     group="training")
+                                        "passes are slower per token, more for smaller ones, up to 16384, with no "
+                                        "more logits than 2048 tokens of a 32k vocabulary)", group="training")
     max_steps: int = option(0, "iterations; 0 = as many as `epochs` over the prompts needs", group="training")
     max_len: int = option(512, "longest PTX sequence in tokens (longer rows are cut at the end)", group="model")
     warmup_steps: int = option(0, "optimizer steps of linear learning-rate warmup", group="training")

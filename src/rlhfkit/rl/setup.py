@@ -29,8 +29,8 @@ from rlhfkit.rl.scoring import (FunctionScorer, Reward, RewardModelScorer, check
                                 load_reward_fn, same_vocabulary)
 from rlhfkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.rl.loop import Iteration, LoopSettings, run_iterations
-from rlhfkit.training.common import (SNAPSHOTS, Resume, log, model_scale, rows_per_pass, run_state, save_final,
-                                     set_peak_lr, set_weight_decay, with_lora)
+from rlhfkit.training.common import (SNAPSHOTS, Resume, cpu_pass_tokens, log, model_shape, rows_per_pass, run_state,
+                                     save_final, set_peak_lr, set_weight_decay, with_lora)
 from rlhfkit.training.distributed import (World, adapter_disabled, gathered, gradient_sync, place_frozen, rank_share,
                                           wrap_model)
 from rlhfkit.training.guards import TrainingError
@@ -46,10 +46,10 @@ class Passes:
     micro_batch_tokens: int
     dtype: str
     offload_frozen: bool
-    model_scale: int = 0  # the policy's hidden size x layers: sets the default token budget on CPU
+    cpu_tokens: int = 0  # the default token budget on CPU, sized to the policy (0: CPU_PASS_TOKENS)
 
     def rows(self, width: int, device) -> int:
-        return rows_per_pass(self.micro_batch_size, self.micro_batch_tokens, width, device, self.model_scale)
+        return rows_per_pass(self.micro_batch_size, self.micro_batch_tokens, width, device, self.cpu_tokens)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class UpdateSettings:
 
 def passes_of(config: RLConfig, actor: torch.nn.Module) -> Passes:
     return Passes(config.micro_batch_size, config.micro_batch_tokens, config.dtype, config.offload_frozen,
-                  model_scale(actor))
+                  cpu_pass_tokens(*model_shape(actor)))
 
 
 def rollout_settings(config: RLConfig, actor: torch.nn.Module, samples_per_prompt: int = 1) -> RolloutSettings:

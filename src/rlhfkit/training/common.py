@@ -314,42 +314,49 @@ def set_weight_decay(optimizer, weight_decay: float) -> None:
 
 
 def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, device: torch.device,
-                  model_scale: int = 0) -> int:
+                  cpu_tokens: int = 0) -> int:
     """Sequences per forward pass: micro_batch_size when set, else as many rows of `width` padded tokens as fit in
-    micro_batch_tokens (0 = `default_pass_tokens`), at least one."""
+    micro_batch_tokens; by default 16384 on GPU and `cpu_tokens` on CPU (0: CPU_PASS_TOKENS; `cpu_pass_tokens` sizes
+    it to a model). At least one."""
     if micro_batch_size:
         return micro_batch_size
-    budget = micro_batch_tokens or default_pass_tokens(device, model_scale)
-    return max(1, budget // max(1, width))
+    default = GPU_PASS_TOKENS if torch.device(device).type == "cuda" else cpu_tokens or CPU_PASS_TOKENS
+    return max(1, (micro_batch_tokens or default) // max(1, width))
 
 
 # On CPU, passes much larger than the caches are slower per token, not faster: a 30M Llama (hidden 512 x 8 layers)'s
 # forward and backward took 1.5x as long per token in passes of 11k tokens as in passes of 1.4k (its 90 MB activations
 # are fresh pages every time; the elementwise operations ran 7x slower), and 2,048 tokens was its best budget. A
 # smaller model holds proportionally fewer activations per token, and its passes are bound by per-operator overhead:
-# a 4.4M Llama (256 x 4) spent 40% less time in GRPO's update and reference pass with 8,192-token passes.
-CPU_PASS_TOKENS, CPU_PASS_SCALE, CPU_PASS_TOKENS_MAX = 2048, 512 * 8, 16384
+# a 4.4M Llama (256 x 4) spent 40% less time in GRPO's update and reference pass with 8,192-token passes. The logits
+# grow with the vocabulary instead: a pass holds no more of them than 2,048 tokens of a 32k vocabulary (256 MiB in
+# float32), so that a small model with a large vocabulary (TinyStories' 64 x 8 with GPT-2's 50k) keeps 2,048.
+CPU_PASS_TOKENS, CPU_PASS_SCALE, CPU_PASS_TOKENS_MAX, CPU_PASS_VOCAB = 2048, 512 * 8, 16384, 32768
 GPU_PASS_TOKENS = 16384
 
 
-def default_pass_tokens(device: torch.device | str, model_scale: int = 0) -> int:
-    """Padded tokens per forward pass: 16384 on GPU; on CPU 2048 for a model of hidden size x layers
-    `model_scale` >= 512 x 8 (or unknown, 0), more in proportion for smaller models, up to 16384."""
-    if torch.device(device).type == "cuda":
-        return GPU_PASS_TOKENS
-    if model_scale <= 0:
+def cpu_pass_tokens(hidden_x_layers: int, vocab: int) -> int:
+    """Padded tokens per forward pass on CPU for a model of this hidden size x layers and vocabulary: 2048 from
+    512 x 8 up (or when unknown, 0), proportionally more for smaller models, up to 16384, and no more than 2048 x
+    32768 / vocab (but at least 2048)."""
+    if hidden_x_layers <= 0:
         return CPU_PASS_TOKENS
-    return min(CPU_PASS_TOKENS_MAX, max(CPU_PASS_TOKENS, CPU_PASS_TOKENS * CPU_PASS_SCALE // model_scale))
+    tokens = min(CPU_PASS_TOKENS_MAX, max(CPU_PASS_TOKENS, CPU_PASS_TOKENS * CPU_PASS_SCALE // hidden_x_layers))
+    if vocab > 0:
+        tokens = min(tokens, max(CPU_PASS_TOKENS, CPU_PASS_TOKENS * CPU_PASS_VOCAB // vocab))
+    return tokens
 
 
-def model_scale(model: torch.nn.Module) -> int:
-    """Hidden size x layers of a transformers model (through DDP and peft), 0 when its config does not say."""
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(hidden size x layers, vocabulary size) of a transformers model (through DDP and peft); 0 where its config
+    does not say."""
     config = getattr(transformers_model(model), "config", None)
     if config is None:
-        return 0
+        return 0, 0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, layers = getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0)
-    return hidden * layers if isinstance(hidden, int) and isinstance(layers, int) else 0
+    hidden, layers, vocab = (getattr(text, name, 0) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
+    ints = all(isinstance(v, int) for v in (hidden, layers, vocab))
+    return (hidden * layers, vocab) if ints else (0, 0)
 
 
 def seed_everything(seed: int) -> None:
