@@ -304,3 +304,12 @@ def test_monitor_fn_is_logged_but_not_trained_on(tiny_models, files, tmp_path):
     assert [r["monitor"] for r in rows] == [r["score"] for r in rows]
     assert "monitor" not in records(tmp_path / "p")[-1]
     assert_same(weights(monitored), weights(plain))
+
+
+def test_passes_are_sized_to_the_actor_unless_set(tiny_models, files, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_models["llama"]))
+    actor = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    sized = ppo_train.PPOSettings.of(ppo_config(tiny_models["llama"], files, tmp_path), actor)
+    assert sized.update.passes.rows(100, "cpu") == sized.rollout.passes.rows(100, "cpu") == 16384 // 100  # 32 x 2
+    pinned = ppo_train.PPOSettings.of(ppo_config(tiny_models["llama"], files, tmp_path, micro_batch_tokens=2048), actor)
+    assert pinned.update.passes.rows(100, "cpu") == 2048 // 100

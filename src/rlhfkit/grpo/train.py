@@ -28,9 +28,9 @@ from rlhfkit.rl.rollout import Rollout, micro_batches
 from rlhfkit.rl.scoring import FunctionScorer, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add, check_scores,
                               load_actor, load_data, load_reference, load_reward, load_reward_functions,
-                              minibatch_order, place, ptx_backward, reference_logprobs, resume_run, rollout_settings,
-                              sample_and_score, sample_rows, save_final_actor, save_run, score_parts, snapshot_actor,
-                              train, update_settings, whole_batch)
+                              minibatch_order, passes_of, place, ptx_backward, reference_logprobs, resume_run,
+                              rollout_settings, sample_and_score, sample_rows, save_final_actor, save_run, score_parts,
+                              snapshot_actor, train, update_settings, whole_batch)
 from rlhfkit.training.common import log, make_optimizer, make_scheduler, setup_logging, start_run
 from rlhfkit.training.distributed import World, gradient_sync, rank_share
 from rlhfkit.training.guards import check_finite
@@ -57,8 +57,9 @@ class GRPOSettings:
 
     @classmethod
     def of(cls, config: GRPOConfig, actor: torch.nn.Module) -> GRPOSettings:
-        return cls(rollout_settings(config, actor, config.num_generations),
-                   update_settings(config, actor, config.cliprange_high),
+        passes = passes_of(config, actor)
+        return cls(rollout_settings(config, passes, config.num_generations),
+                   update_settings(config, passes, config.cliprange_high),
                    config.estimator, config.kl_coef, config.kl_estimator, config.kl_in_reward, config.std_eps,
                    config.dynamic_sampling, config.missing_eos_penalty, config.missing_eos_score)
 

@@ -32,7 +32,7 @@ from rlhfkit.rl.rollout import Rollout, micro_batches, response_logprobs
 from rlhfkit.rl.scoring import FunctionScorer, RunningMoments, same_vocabulary, shape_scores
 from rlhfkit.rl.setup import (Data, Models, PhaseTimer, RolloutSettings, Trained, UpdateSettings, add,
                               check_scores, fresh_actor, load_actor, load_data, load_reference, load_reward,
-                              load_reward_functions, minibatch_order, model_kwargs, place, ptx_backward,
+                              load_reward_functions, minibatch_order, model_kwargs, passes_of, place, ptx_backward,
                               reference_logprobs, resume_run, rollout_settings, sample_and_score, sample_rows,
                               save_final_actor, save_run, score_parts, snapshot_actor, train, update_settings,
                               whole_batch)
@@ -62,7 +62,8 @@ class PPOSettings:
 
     @classmethod
     def of(cls, config: PPOConfig, actor: torch.nn.Module) -> PPOSettings:
-        return cls(rollout_settings(config, actor), update_settings(config, actor), config.reward_norm,
+        passes = passes_of(config, actor)
+        return cls(rollout_settings(config, passes), update_settings(config, passes), config.reward_norm,
                    config.reward_clip, config.missing_eos_penalty, config.missing_eos_score, config.kl_estimator,
                    config.gamma, config.lam, config.whiten_advantages, config.cliprange_value, config.vf_coef,
                    config.critic_warmup_steps)

@@ -82,21 +82,22 @@ class UpdateSettings:
 
 
 def passes_of(config: RLConfig, actor: torch.nn.Module) -> Passes:
+    """How this run's passes are cut, their default budget on CPU sized to the actor."""
     return Passes(config.micro_batch_size, config.micro_batch_tokens, config.dtype, config.offload_frozen,
                   cpu_pass_tokens(*model_shape(actor)))
 
 
-def rollout_settings(config: RLConfig, actor: torch.nn.Module, samples_per_prompt: int = 1) -> RolloutSettings:
+def rollout_settings(config: RLConfig, passes: Passes, samples_per_prompt: int = 1) -> RolloutSettings:
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k,
                         tuple(config.stop_strings), samples_per_prompt)
-    return RolloutSettings(config.batch_size, config.seed, sampling, passes_of(config, actor), config.num_samples)
+    return RolloutSettings(config.batch_size, config.seed, sampling, passes, config.num_samples)
 
 
-def update_settings(config: RLConfig, actor: torch.nn.Module, cliprange_high: float = 0.0) -> UpdateSettings:
+def update_settings(config: RLConfig, passes: Passes, cliprange_high: float = 0.0) -> UpdateSettings:
     return UpdateSettings(config.ppo_epochs, config.mini_batch, config.cliprange, cliprange_high or config.cliprange,
                           config.dual_clip, config.entropy_coef, config.loss_agg, config.max_new_tokens,
                           config.temperature, config.max_grad_norm, config.ptx_coef,
-                          config.ptx_batch_size or config.mini_batch, config.seed, passes_of(config, actor))
+                          config.ptx_batch_size or config.mini_batch, config.seed, passes)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
