@@ -5,16 +5,21 @@ those whose summary.json exists) and prints one markdown row per run with every 
     python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 1 --dtypes float32 --parallel 2 --out runs/robust
     python benchmarks/demo_robustness.py --out runs/robust --table-only
     python benchmarks/demo_robustness.py --seeds 0,1,2,3,4 --threads 2 --dtypes bfloat16 --out runs/robust --resume
+    python benchmarks/demo_robustness.py --out runs/new --copy-from runs/robust --rerun ppo,grpo,grpo_gold ...
 
 `--parallel 2` runs two one-thread demos at once (one per core; their wall times are then not the demo's).
 `--resume` reruns rows that have a summary too, with `rlhfkit demo --resume`: after a change to one stage, each row
 keeps the stages it did not touch (their timings too, so the wall column stays the whole demo's).
+`--copy-from DIR` starts each row that --out lacks from a copy of DIR's row, less the stages named by `--rerun`, and
+resumes it: after a code change that leaves those stages' configs as they were (a default that now resolves to
+another value), which `--resume` alone cannot see.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +28,28 @@ from pathlib import Path
 from rlhfkit.demo.report import acceptance
 
 
-def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False) -> Path:
+def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False, again: bool = False) -> Path:
+    """The row's demo, unless it has a summary (and not `again`); `resume`: with `rlhfkit demo --resume`."""
     folder = out / f"s{seed}-t{threads}-{dtype}"
-    if resume or not (folder / "summary.json").exists():
+    if again or not (folder / "summary.json").exists():
         with open(folder.with_suffix(".log"), "w") as log:
             subprocess.run([sys.executable, "-m", "rlhfkit", "demo", "--seed", str(seed), "--threads", str(threads),
                             "--dtype", dtype, "--output", str(folder), *(["--resume"] if resume else [])],
                            stdout=log, stderr=subprocess.STDOUT, check=True)
     return folder
+
+
+def copy_row(source: Path, folder: Path, rerun: list[str]) -> None:
+    """`source`'s finished row as `folder`, with the paths in its configs pointed at the copy, and without the stages
+    in `rerun` or its summary (so `rlhfkit demo --resume` reruns those stages, the ones after them and the
+    evaluation)."""
+    shutil.copytree(source, folder)
+    for path in [*folder.glob("*/config.yaml"), folder / "timings.json"]:
+        if path.exists():
+            path.write_text(path.read_text().replace(str(source), str(folder)))
+    for stage in rerun:
+        shutil.rmtree(folder / stage, ignore_errors=True)
+    (folder / "summary.json").unlink(missing_ok=True)
 
 
 def rm_steps(folder: Path) -> str:
@@ -73,14 +92,26 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already in --out")
     parser.add_argument("--resume", action="store_true", help="rerun finished rows too, keeping their unchanged "
                                                               "stages (rlhfkit demo --resume)")
+    parser.add_argument("--copy-from", default="", help="start each row --out lacks from this folder's row "
+                                                        "(implies --resume)")
+    parser.add_argument("--rerun", default="", help="with --copy-from: stages dropped from each copy, so they run "
+                                                    "again (comma-separated, e.g. ppo,grpo,grpo_gold)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rerun and not args.copy_from:
+        parser.error("--rerun needs --copy-from")
     if not args.table_only:
         jobs = [(int(s), int(t), d) for d in args.dtypes.split(",") for t in args.threads.split(",")
                 for s in args.seeds.split(",")]
+        if args.copy_from:
+            for seed, threads, dtype in jobs:
+                name = f"s{seed}-t{threads}-{dtype}"
+                if not (out / name).exists():
+                    copy_row(Path(args.copy_from) / name, out / name, [x for x in args.rerun.split(",") if x])
         with ThreadPoolExecutor(args.parallel) as pool:
-            for folder in pool.map(lambda job: run_one(out, *job, args.resume), jobs):
+            resume = args.resume or bool(args.copy_from)
+            for folder in pool.map(lambda job: run_one(out, *job, resume, args.resume), jobs):
                 print(f"done: {folder}", flush=True)
     print(HEADER)
     for path in sorted(out.glob("*/summary.json")):

@@ -120,15 +120,12 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
         "rm": dict(common, model=str(out / "sft" / "final"), data=[str(data["pairs"])], output=str(out / "rm"),
                    eval_data=[str(data["eval_pairs"])], max_steps=steps["rm"], batch_size=32, lr=5e-4,
                    warmup_steps=40, max_len=96, eval_every=50),
-        # PPO and GRPO keep 2,048-token passes, the budget the acceptance table ran with: the default for a model this
-        # small is now 16,384, and passes of another size round differently (bf16 training carries that into other
-        # models, so the table would be rerun).
         "ppo": dict(common, actor=str(out / "sft" / "final"), reward=str(out / "rm" / "final"),
                     prompts=[str(data["prompts"])], ptx_data=[str(data["corpus"])],
                     monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "ppo"), max_steps=steps["ppo"],
                     batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48, lr=1e-4, critic_lr=1e-4,
                     kl_coef=0.2, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
-                    snapshot_every=max(1, steps["ppo"] // steps["snapshots"]), micro_batch_tokens=2048),
+                    snapshot_every=max(1, steps["ppo"] // steps["snapshots"])),
         # 8 prompts x 8 samples per iteration, two optimizer steps each (one step per iteration won 0.650-0.654
         # over SFT on seeds 0 and 1, two won 0.69-0.72). 50 iterations: 40 won 0.719 / 0.679 / 0.735 / 0.731 / 0.617
         # on seeds 0-4, 50 won 0.692 / 0.671 / 0.708 / 0.704 / 0.671, and lr 1.5e-4 (40) 0.669 / 0.658 / 0.746 /
@@ -148,7 +145,7 @@ def stage_configs(data: dict[str, Path], out: Path, seed: int, size: str, dtype:
                      monitor_fn="rlhfkit.demo.task:gold_reward", output=str(out / "grpo"), max_steps=steps["grpo"],
                      batch_size=8, num_generations=8, mini_batch_size=32, ppo_epochs=2, max_new_tokens=48, lr=7e-5,
                      kl_coef=0.15, ptx_coef=0.5, max_len=96, lr_schedule="constant", sample_every=10, num_samples=4,
-                     snapshot_every=max(1, steps["grpo"] // steps["snapshots"]), micro_batch_tokens=2048),
+                     snapshot_every=max(1, steps["grpo"] // steps["snapshots"])),
     }
     stages["grpo_gold"] = dict(stages["grpo"], reward="", reward_fn=["rlhfkit.demo.task:gold_reward"], monitor_fn="",
                                output=str(out / "grpo_gold"))
