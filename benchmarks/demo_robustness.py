@@ -108,6 +108,8 @@ def main() -> None:
             for seed, threads, dtype in jobs:
                 name = f"s{seed}-t{threads}-{dtype}"
                 if not (out / name).exists():
+                    if not (Path(args.copy_from) / name / "summary.json").is_file():
+                        parser.error(f"--copy-from: {Path(args.copy_from) / name} holds no finished demo run")
                     copy_row(Path(args.copy_from) / name, out / name, [x for x in args.rerun.split(",") if x])
         with ThreadPoolExecutor(args.parallel) as pool:
             resume = args.resume or bool(args.copy_from)

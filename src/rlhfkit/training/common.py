@@ -313,17 +313,6 @@ def set_weight_decay(optimizer, weight_decay: float) -> None:
             group["weight_decay"] = weight_decay
 
 
-def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, device: torch.device,
-                  cpu_tokens: int = 0) -> int:
-    """Sequences per forward pass: micro_batch_size when set, else as many rows of `width` padded tokens as fit in
-    micro_batch_tokens; by default 16384 on GPU and `cpu_tokens` on CPU (0: CPU_PASS_TOKENS; `cpu_pass_tokens` sizes
-    it to a model). At least one."""
-    if micro_batch_size:
-        return micro_batch_size
-    default = GPU_PASS_TOKENS if torch.device(device).type == "cuda" else cpu_tokens or CPU_PASS_TOKENS
-    return max(1, (micro_batch_tokens or default) // max(1, width))
-
-
 # On CPU, passes much larger than the caches are slower per token, not faster: a 30M Llama (hidden 512 x 8 layers)'s
 # forward and backward took 1.5x as long per token in passes of 11k tokens as in passes of 1.4k (its 90 MB activations
 # are fresh pages every time; the elementwise operations ran 7x slower), and 2,048 tokens was its best budget. A
@@ -333,6 +322,17 @@ def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, de
 # float32), so that a small model with a large vocabulary (TinyStories' 64 x 8 with GPT-2's 50k) keeps 2,048.
 CPU_PASS_TOKENS, CPU_PASS_SCALE, CPU_PASS_TOKENS_MAX, CPU_PASS_VOCAB = 2048, 512 * 8, 16384, 32768
 GPU_PASS_TOKENS = 16384
+
+
+def rows_per_pass(micro_batch_size: int, micro_batch_tokens: int, width: int, device: torch.device,
+                  cpu_tokens: int = 0) -> int:
+    """Sequences per forward pass: micro_batch_size when set, else as many rows of `width` padded tokens as fit in
+    micro_batch_tokens; by default 16384 on GPU and `cpu_tokens` on CPU (0: CPU_PASS_TOKENS; `cpu_pass_tokens` sizes
+    it to a model). At least one."""
+    if micro_batch_size:
+        return micro_batch_size
+    default = GPU_PASS_TOKENS if torch.device(device).type == "cuda" else cpu_tokens or CPU_PASS_TOKENS
+    return max(1, (micro_batch_tokens or default) // max(1, width))
 
 
 def cpu_pass_tokens(hidden_x_layers: int, vocab: int) -> int:
