@@ -53,6 +53,7 @@ def test_import_is_light_and_exports_the_api():
     assert rlhfkit.sft.train.run_sft.__name__ == "run_sft" and callable(rlhfkit.sft)
 
 
+@pytest.mark.cpu
 def test_sft_from_memory_equals_the_cli_on_a_file(tiny_models, tmp_path):
     rows = color_sft_rows(24)
     cli_out = tmp_path / "cli"

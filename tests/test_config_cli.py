@@ -83,6 +83,7 @@ def test_flag_forms(paths, tmp_path):
     assert config.resume == str(tmp_path)
 
 
+@pytest.mark.cpu
 def test_resolved_config_written_and_readable_back(paths):
     config_file = write_yaml(paths["dir"] / "run.yaml", {"batch_size": 4, "lr": 0.001, "eval_split": 0.25})
     config = parse_config(SFTConfig, ["--config", str(config_file), "--max-steps", "9"] + required(paths),

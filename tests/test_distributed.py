@@ -25,10 +25,11 @@ from safetensors.torch import load_file
 
 from rlhfkit.training.distributed import World, gather_share, rank_share, strided_share
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.cpu]
 
 STEPS = 10
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # two ranks on two cores: one thread each
+# Two ranks on two cores: one thread each. On the CPU also where a GPU is: a machine may have one GPU only.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")

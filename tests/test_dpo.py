@@ -263,6 +263,7 @@ def test_precomputed_reference_matches_the_reference_model(tiny_models, data, tm
         torch.testing.assert_close(weights(pre / "final")[name], tensor, rtol=0, atol=1e-6)
 
 
+@pytest.mark.cpu
 def test_accumulation_matches_one_big_batch(tiny_models, data, tmp_path):
     outs = [tmp_path / f"micro{m}" for m in (2, 8)]
     for out, micro in zip(outs, (2, 8)):
@@ -279,6 +280,7 @@ def test_accumulation_matches_one_big_batch(tiny_models, data, tmp_path):
         torch.testing.assert_close(accumulated[name], whole[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.cpu
 def test_resume_with_precomputed_reference_is_bitwise_and_does_not_recompute_it(tiny_models, data, tmp_path,
                                                                                  monkeypatch):
     def make(out, **extra):

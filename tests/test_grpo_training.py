@@ -120,6 +120,7 @@ def test_groups_weighted_rewards_and_samples(tiny_models, files, tmp_path):
     assert len({s["response"] for s in samples[:4]}) > 1  # G different samples of one prompt
 
 
+@pytest.mark.cpu
 def test_gradient_checkpointing_trains_as_without(tiny_models, files, tmp_path):
     """Under gradient checkpointing the update takes whole rows (no shared prompt pass: the cache is dropped), with
     the numbers of the run without it."""
@@ -175,6 +176,7 @@ def test_lora_reference_is_the_adapter_disabled_actor_with_reward_model_and_ptx(
 
 
 # ------------------------------------------------------------------------------------------------------------ resume
+@pytest.mark.cpu
 def test_resume_is_bitwise_identical(tiny_models, files, tmp_path, monkeypatch):
     """Uninterrupted 6 iterations vs a run killed in iteration 4 (checkpoints every 2) and resumed: same bits.
     GPT-2 (dropout in its config, turned off), PTX, minibatches, two epochs, a cosine schedule, dynamic sampling."""

@@ -425,3 +425,18 @@ def test_docs_state_k3_and_the_value_loss_as_computed():
     values, returns = torch.tensor([[3.0]]), torch.tensor([[1.0]])
     loss, _ = ppo_core.value_loss(values, values, returns, torch.ones(1, 1, dtype=torch.bool), 0.2)
     assert loss.item() == pytest.approx(0.5 * 2.0 ** 2)
+
+
+def test_more_ranks_than_gpus_is_one_line_before_any_rank_starts(paths, capsys, monkeypatch):
+    """Each local rank takes a GPU of its own: on a machine with one GPU, --nproc 2 used to stop in every rank with
+    CUDA's 'invalid device ordinal' traceback."""
+    import torch
+
+    from rlhfkit.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "launch", lambda *args: pytest.fail("the ranks were started"))
+    one_line_error(capsys, sft_args(paths, "--nproc", "2", "--strategy", "ddp"),
+                   "nproc: 2 ranks on this machine need 2 GPUs, one each, and it has 1; use --nproc 1, or run the "
+                   "ranks on the CPU with CUDA_VISIBLE_DEVICES= (empty)")

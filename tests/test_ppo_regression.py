@@ -25,7 +25,7 @@ from rlhfkit.config import make_config
 from rlhfkit.ppo.config import PPOConfig
 from rlhfkit.ppo.train import run_ppo
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu]  # numbers recorded on a CPU
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ppo_metrics.json"
 REWARD = '''

@@ -150,6 +150,7 @@ def test_disable_dropout_makes_train_mode_equal_eval_mode(arch, tokenizer, tiny_
 
 
 # ------------------------------------------------------------------------------------------- frozen models in bf16
+@pytest.mark.cpu
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_frozen_copy_for_bf16_keeps_bf16_linear_weights_and_the_same_results(arch, tokenizer, tiny_models):
     """A reference or reward model placed for bf16 compute stores its linear layers in bf16 (autocast would cast them

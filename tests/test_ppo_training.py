@@ -144,6 +144,7 @@ def ptx_lm_loss(final: Path, files) -> float:
     return evaluate(load_causal_lm(str(final), tokenizer), encoded, tokenizer.pad_token_id, 16, "float32")["loss"]
 
 
+@pytest.mark.cpu
 def test_ptx_keeps_the_language_model_loss_lower(tiny_models, files, tmp_path):
     """Same seed, same rollouts at the start: with ptx_coef > 0 the LM loss on the pretraining text ends lower."""
     common = dict(max_steps=6, ptx_data=[str(files["ptx"])], ptx_batch_size=8)
@@ -169,6 +170,7 @@ def test_critic_warmup_leaves_the_actor_unchanged(tiny_models, files, tmp_path):
                            critic_start.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batches_accumulate_to_the_minibatch(tiny_models, files, tmp_path, loss_agg):
     """micro_batch_size 2 and 8 make the same updates (up to float summation order). The stop string "e" gives

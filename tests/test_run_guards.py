@@ -103,6 +103,7 @@ def checkpoints(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- 1. never a non-finite model
+@pytest.mark.cpu
 def test_sft_stops_when_the_weights_become_non_finite(tiny_models, work, tmp_path, capsys):
     # A finite but absurd weight decay: AdamW multiplies the weights by 1 - lr * wd = -1e297, and they overflow.
     out = tmp_path / "sft"
@@ -113,6 +114,7 @@ def test_sft_stops_when_the_weights_become_non_finite(tiny_models, work, tmp_pat
     assert not (out / "final").exists() and checkpoints(out) == []
 
 
+@pytest.mark.cpu
 def test_ppo_stops_naming_the_critic_when_its_weights_become_non_finite(tiny_models, work, tmp_path, capsys):
     out = tmp_path / "ppo"
     code, err = cli(capsys, *ppo(tiny_models["llama"], work, out, "--weight-decay", "1e300", "--save-every", "1"))

@@ -109,6 +109,7 @@ def safetensors_in(folder: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ learning
 
 
+@pytest.mark.cpu
 def test_sft_lowers_eval_loss_on_memorisable_task(tiny_models, data, tmp_path):
     config = sft_config(tiny_models["llama"], data, tmp_path / "sft", max_steps=20, eval_every=10)
     final = run_sft(config)
@@ -132,6 +133,7 @@ def test_sft_lowers_eval_loss_on_memorisable_task(tiny_models, data, tmp_path):
     assert again == pytest.approx(after, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.cpu
 def test_rm_reaches_high_accuracy_and_writes_reward_stats(tiny_models, data, tmp_path):
     final = run_rm(rm_config(tiny_models["llama"], data, tmp_path / "rm", max_steps=10, eval_every=5))
     evals = records(tmp_path / "rm", "eval")
@@ -159,6 +161,7 @@ def test_rm_reaches_high_accuracy_and_writes_reward_stats(tiny_models, data, tmp
 # ---------------------------------------------------------------------------------- save and reload (HF format)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_sft_then_rm_save_reload_with_plain_transformers(arch, tiny_models, data, tmp_path, saved_models):
     base = tiny_models[arch]
@@ -225,6 +228,7 @@ def head_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".score." in f".{n}." or n.startswith("score.")}
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter-only"])
 def test_lora_rm_trains_saves_and_reloads_head(merge, tiny_models, data, tmp_path, saved_models):
     base = tiny_models["llama"]
@@ -398,6 +402,7 @@ def setup_tiny(steps: int = 10):
     return model, optimizer, make_scheduler(optimizer, "constant", 0, steps)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("bad", ["nan_loss", "nan_grad"])
 def test_train_step_skips_non_finite_step(bad):
     model, optimizer, scheduler = setup_tiny()
@@ -433,6 +438,7 @@ def run_fit(tmp_path, kinds: list[str], max_bad_steps: int, snapshots: list | No
     return model
 
 
+@pytest.mark.cpu
 def test_fit_skips_bad_step_with_warning(tmp_path, capsys):
     snapshots: list = []
     model = run_fit(tmp_path, ["good", "nan_loss", "good"], max_bad_steps=2, snapshots=snapshots)
@@ -447,6 +453,7 @@ def test_fit_skips_bad_step_with_warning(tmp_path, capsys):
     assert train[1]["loss"] == "nan" and math.isfinite(train[0]["loss"]) and "abs_err" in train[0]
 
 
+@pytest.mark.cpu
 def test_fit_stops_after_max_bad_steps_in_a_row(tmp_path):
     snapshots: list = []
     with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 3"):
@@ -455,6 +462,7 @@ def test_fit_stops_after_max_bad_steps_in_a_row(tmp_path):
     assert_same_tensors(snapshots[0], snapshots[2])
 
 
+@pytest.mark.cpu
 def test_fit_counts_only_bad_steps_in_a_row(tmp_path):
     model = run_fit(tmp_path, ["nan_loss", "nan_loss", "good", "nan_grad", "nan_loss", "good"], max_bad_steps=3)
     assert torch.isfinite(model.linear.weight).all()
@@ -479,6 +487,7 @@ def test_cli_exits_1_when_training_cannot_go_on(tiny_models, data, tmp_path, mon
 # ------------------------------------------------------------------------------------- gradient accumulation
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_gradient_accumulation_matches_one_big_batch(stage, tiny_models, data, tmp_path):
     # A small lr keeps AdamW from amplifying float rounding in near-zero gradients past the 1e-6 tolerance.

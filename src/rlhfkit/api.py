@@ -147,9 +147,10 @@ def execute(command: str, config: Any, objects: dict[str, Any] | None = None, ar
 
 
 def _launch(command: str, config: Any, argv: list[str] | None) -> Run:
-    from rlhfkit.training.distributed import launch
+    from rlhfkit.training.distributed import check_gpu_count, launch
     from rlhfkit.training.guards import TrainingError
 
+    check_gpu_count(config.nproc)
     with tempfile.TemporaryDirectory() as tmp:
         if argv is None:
             write_config(config, Path(tmp) / "config.yaml")

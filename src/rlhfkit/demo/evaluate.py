@@ -17,7 +17,7 @@ import torch
 from rlhfkit.data.encode import EncodeStats, encode_conversation
 from rlhfkit.data.loading import load_examples
 from rlhfkit.demo.task import Facts, gold_score
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import default_device, load_causal_lm, load_tokenizer
 from rlhfkit.training.lm_loss import evaluate
 
 RL_BRANCHES = ("ppo", "grpo", "grpo_gold")  # those with snapshots along training
@@ -212,7 +212,8 @@ def kl_to_sft(model_dir: Path, sft_dir: Path, prompts: list, responses: list[dic
     response_ids = [tokenizer(r["text"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] * r["stopped"]
                     for r in responses]
     total = 0.0
-    models = [load_causal_lm(str(path), tokenizer).eval() for path in (model_dir, sft_dir)]
+    device = default_device()
+    models = [load_causal_lm(str(path), tokenizer).to(device).eval() for path in (model_dir, sft_dir)]
     for start in range(0, len(prompts), 48):
         part = range(start, min(start + 48, len(prompts)))
         ids, attn = left_pad([prompt_ids[i] for i in part], tokenizer.pad_token_id)
@@ -222,9 +223,9 @@ def kl_to_sft(model_dir: Path, sft_dir: Path, prompts: list, responses: list[dic
         for row, i in enumerate(part):
             resp[row, :len(response_ids[i])] = torch.tensor(response_ids[i], dtype=torch.long)
             mask[row, :len(response_ids[i])] = 1
-        full, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
+        full, full_attn = torch.cat([ids, resp], 1).to(device), torch.cat([attn, mask], 1).to(device)
         policy, sft = (response_logprobs(m, full, full_attn, ids.shape[1], 1.0)[0] for m in models)
-        total += ((policy - sft) * mask).sum().item()
+        total += ((policy - sft) * mask.to(device)).sum().item()
     return total / len(prompts)
 
 
@@ -233,6 +234,6 @@ def corpus_loss(model_dir: Path, corpus: Path) -> float:
     tokenizer = load_tokenizer(str(model_dir))
     rows = load_examples([str(corpus)], "text").examples[:500]
     encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 96, EncodeStats()) for c in rows) if e]
-    return evaluate(load_causal_lm(str(model_dir), tokenizer), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
+    return evaluate(load_causal_lm(str(model_dir), tokenizer).to(default_device()), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
 
 

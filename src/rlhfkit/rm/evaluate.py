@@ -12,7 +12,8 @@ from rlhfkit.config import option, require
 from rlhfkit.data.encode import EncodeStats, encode_pairs
 from rlhfkit.data.loading import load_examples
 from rlhfkit.data.templates import resolve_template
-from rlhfkit.models import DTYPES, check_positions, load_sequence_classifier, load_tokenizer, resolve_dtype
+from rlhfkit.models import (DTYPES, check_positions, default_device, load_sequence_classifier, load_tokenizer,
+                            resolve_dtype)
 from rlhfkit.rm.scoring import pair_metrics, score_pairs
 from rlhfkit.training.common import check_data_specs, check_model_path, check_output_file, log, setup_logging
 
@@ -51,8 +52,9 @@ def run_eval_rm(config: EvalRMConfig) -> dict[str, float]:
     stats = EncodeStats()
     encoded = encode_pairs(pairs, tokenizer, template, config.max_len, stats)
     log.info(f"{len(pairs)} pairs; tokenized {stats.describe()}")
-    model = load_sequence_classifier(config.model, tokenizer)
-    dtype = resolve_dtype(config.dtype, next(model.parameters()).device, config.model)
+    device = default_device()
+    model = load_sequence_classifier(config.model, tokenizer).to(device)
+    dtype = resolve_dtype(config.dtype, device, config.model)
     chosen, rejected = score_pairs(model, encoded, tokenizer.pad_token_id, config.batch_size, dtype)
     metrics = pair_metrics(chosen, rejected, torch.tensor([p[2] for p in encoded]), config.loss)
     metrics["pairs"] = len(encoded)

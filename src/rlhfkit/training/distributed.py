@@ -96,6 +96,7 @@ def init_world(strategy: str, timeout_s: float) -> World:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
+            check_gpu_count(local_rank + 1)
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -103,6 +104,17 @@ def init_world(strategy: str, timeout_s: float) -> World:
     if not world.main:  # one voice: the other ranks only report problems
         log.setLevel(logging.WARNING)
     return world
+
+
+def check_gpu_count(ranks: int) -> None:
+    """Each local rank takes a GPU of its own, so a machine with GPUs needs one per rank (CUDA would otherwise stop
+    with 'invalid device ordinal' in the middle of start-up)."""
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        from rlhfkit.config import ConfigError
+
+        count = torch.cuda.device_count()
+        raise ConfigError(f"nproc: {ranks} ranks on this machine need {ranks} GPUs, one each, and it has {count}; "
+                          f"use --nproc {count}, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES= (empty)")
 
 
 def launch(command: str, argv: list[str], nproc: int) -> int:
