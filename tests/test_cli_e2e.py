@@ -115,6 +115,7 @@ def test_sft_resume_after_interruption_gives_same_model(sft_run, work, tiny_mode
     assert [r["loss"] for r in records(cut, "train")] == [r["loss"] for r in records(sft_run, "train")]
 
 
+@pytest.mark.cpu
 def test_rm_with_lora_on_sft_model_then_eval_rm(sft_run, work):
     ok(rlhfkit("rm", "--model", sft_run / "final", "--data", "pref.jsonl", "--eval-data", "pref_eval.jsonl",
                "--output", "out/rm", "--max-steps", "4", "--batch-size", "4", "--lr", "5e-3", "--seed", "3",

@@ -120,6 +120,7 @@ def test_mean_ci_and_win_rate_by_hand():
     assert per_prompt([1.0, 10.0, 2.0, 20.0, 6.0, 60.0], 2) == [3.0, 30.0]
 
 
+@pytest.mark.cpu
 def test_demo_quick_end_to_end(tmp_path):
     from rlhfkit.cli import main
 
