@@ -120,6 +120,42 @@ def test_mean_ci_and_win_rate_by_hand():
     assert per_prompt([1.0, 10.0, 2.0, 20.0, 6.0, 60.0], 2) == [3.0, 30.0]
 
 
+def test_kl_to_sft_reads_the_sampled_tokens_not_the_text_again(tiny_models, tmp_path):
+    """The log-ratio is summed over the tokens the model sampled: tokenising the decoded text again gives other
+    tokens for 1-3% of the demo's answers. Here the text is unrelated to the ids, so reading it would not match."""
+    from conftest import write_jsonl
+
+    from rlhfkit.data.encode import EncodeStats, encode_prompt
+    from rlhfkit.data.templates import resolve_template
+    from rlhfkit.demo.evaluate import kl_to_sft
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_models["llama"]))
+    sft = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    model = load_causal_lm(str(tiny_models["llama"]), tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompts = load_examples([str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What color is item 3?"},
+                                                                     {"prompt": "Name item 5."}]))], "prompt").examples
+    answers = [{"text": "purple purple", "stopped": True, "ids": [40, 41, 42, tokenizer.eos_token_id]},
+               {"text": "", "stopped": False, "ids": [7, 300, 12]}]
+    by_hand = 0.0
+    for p, answer in zip(prompts, answers):
+        prompt = encode_prompt(p, tokenizer, resolve_template("auto", tokenizer), 512, EncodeStats())
+        ids = torch.tensor([prompt + answer["ids"]])
+        for m, sign in ((model, 1.0), (sft, -1.0)):
+            logprobs = m(input_ids=ids).logits[0, :-1].float().log_softmax(-1)  # (T - 1, V): predicts token t + 1
+            steps = range(len(prompt) - 1, ids.shape[1] - 1)
+            by_hand += sign * sum(logprobs[t, ids[0, t + 1]].item() for t in steps)
+    got = kl_to_sft(tmp_path / "model", tiny_models["llama"], prompts, answers)
+    assert got == pytest.approx(by_hand / 2, abs=1e-4)
+    assert abs(got) > 0.05  # the two models differ, so the check can fail
+
+
 @pytest.mark.cpu
 def test_demo_quick_end_to_end(tmp_path):
     from rlhfkit.cli import main

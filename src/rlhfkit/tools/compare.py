@@ -88,7 +88,8 @@ def prompt_text(example: PromptExample) -> str:
 def compare_models(models: dict[str, str], examples: list[PromptExample], *, template: str = "auto",
                    max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 16, max_prompt_len: int = 512, reward_model: str = "") -> list[dict]:
-    """One row per example: {"prompt": text, "responses": {name: {"text", "stopped", "n_tokens", "score"}}}.
+    """One row per example: {"prompt": text, "responses": {name: {"text", "stopped", "n_tokens", "ids", "score"}}},
+    ids: the sampled response tokens (its EOS included when it stopped), which re-tokenising the text need not give.
 
     Each model uses its own tokenizer and `template` resolved for it; the score is None without a reward model.
     Models are loaded one at a time, so comparing three models costs the memory of one (plus the reward model).
@@ -118,7 +119,7 @@ def compare_models(models: dict[str, str], examples: list[PromptExample], *, tem
                                      max_len=max_prompt_len + max_new_tokens, batch_size=batch_size)
         for row, response, score in zip(rows, responses, scores):
             row["responses"][name] = {"text": response.text, "stopped": response.stopped,
-                                      "n_tokens": response.n_tokens, "score": score}
+                                      "n_tokens": response.n_tokens, "ids": response.ids, "score": score}
         log.info(f"{name}: {len(responses)} responses, {sum(r.stopped for r in responses)} ended with EOS")
     return rows
 
