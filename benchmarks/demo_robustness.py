@@ -40,13 +40,18 @@ def run_one(out: Path, seed: int, threads: int, dtype: str, resume: bool = False
 
 
 def copy_row(source: Path, folder: Path, rerun: list[str]) -> None:
-    """`source`'s finished row as `folder`, with the paths in its configs pointed at the copy, and without the stages
+    """`source`'s finished row as `folder`, with the paths in its configs pointed at the copy (also when `source` is
+    itself a copy whose configs name the folder it was first run in), and without the stages
     in `rerun` or its summary (so `rlhfkit demo --resume` reruns those stages, the ones after them and the
     evaluation)."""
+    import yaml
+
     shutil.copytree(source, folder)
+    # where the row's configs say it ran: `source` itself, or the folder `source` was copied from
+    ran_in = str(Path(yaml.safe_load((source / "pretrain" / "config.yaml").read_text())["output"]).parent)
     for path in [*folder.glob("*/config.yaml"), folder / "timings.json"]:
         if path.exists():
-            path.write_text(path.read_text().replace(str(source), str(folder)))
+            path.write_text(path.read_text().replace(ran_in, str(folder)))
     for stage in rerun:
         shutil.rmtree(folder / stage, ignore_errors=True)
     (folder / "summary.json").unlink(missing_ok=True)

@@ -177,17 +177,19 @@ def test_pair_rows_benchmark_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_table_copies_a_row_for_a_partial_rerun(tmp_path):
-    """--copy-from: the copy's configs point at the copy (so `rlhfkit demo --resume` finds them unchanged), the stages
-    to rerun and the summary are gone, the source is untouched."""
+    """--copy-from: the copy's configs point at the copy (so `rlhfkit demo --resume` finds them unchanged), also when
+    the source row is itself a copy whose configs name the folder it first ran in; the stages to rerun and the summary
+    are gone, the source is untouched."""
     table = load_script(BENCH.parent / "demo_robustness.py")
     source, folder = tmp_path / "old" / "s0-t2-bfloat16", tmp_path / "new" / "s0-t2-bfloat16"
-    for stage in ("rm", "ppo", "grpo"):
+    ran_in = tmp_path / "first" / "unpin-s0-t2-bfloat16"
+    for stage in ("pretrain", "rm", "ppo", "grpo"):
         (source / stage / "final").mkdir(parents=True)
-        (source / stage / "config.yaml").write_text(f"output: {source / stage}\nmodel: {source / 'sft' / 'final'}\n")
-    (source / "timings.json").write_text(json.dumps({"timings_s": {"rm": 1.0}, "path": str(source)}))
+        (source / stage / "config.yaml").write_text(f"output: {ran_in / stage}\nmodel: {ran_in / 'sft' / 'final'}\n")
+    (source / "timings.json").write_text(json.dumps({"timings_s": {"rm": 1.0}, "path": str(ran_in)}))
     (source / "summary.json").write_text("{}")
     table.copy_row(source, folder, ["ppo", "grpo"])
-    assert sorted(p.name for p in folder.iterdir()) == ["rm", "timings.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["pretrain", "rm", "timings.json"]
     assert (folder / "rm" / "config.yaml").read_text() == (f"output: {folder / 'rm'}\n"
                                                            f"model: {folder / 'sft' / 'final'}\n")
     assert json.loads((folder / "timings.json").read_text())["path"] == str(folder)
