@@ -91,6 +91,19 @@ def test_non_finite_numbers_and_huge_seeds(flags, message, paths, capsys, no_mod
     assert not paths["output"].exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "1"], "lr: must be < 1 (AdamW moves each weight by about lr at every step), got 1.0"),
+    (["--lr", "0.1", "--weight-decay", "10"], "weight_decay: lr x weight_decay must be < 1 (AdamW multiplies each "
+                                              "decayed weight by 1 - lr x weight_decay at every step), got 0.1 x 10.0"),
+])
+def test_learning_rates_and_weight_decay_that_adamw_cannot_take(flags, message, paths, capsys, no_model_loads):
+    """Used to run on into non-finite weights on a CPU, and to stop in AdamW with a traceback on a GPU (a float32
+    overflow of its step's scalars)."""
+    one_line_error(capsys, sft_args(paths, *flags), message)
+    one_line_error(capsys, ppo_args(paths, "--critic-lr", "2e-3", "--weight-decay", "1000"),
+                   "weight_decay: critic_lr x weight_decay must be < 1", "got 0.002 x 1000.0")
+
+
 def test_non_finite_numbers_in_yaml_and_other_commands(paths, capsys, no_model_loads):
     config = paths["dir"] / "run.yaml"
     config.write_text(yaml.safe_dump({"lora_alpha": float("nan")}), encoding="utf-8")

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from rlhfkit.config import option, require
 from rlhfkit.rl.config import RLConfig
+from rlhfkit.training.common import require_adamw_scale
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PPOConfig(RLConfig):
         require(self.kl_target >= 0, f"kl_target: must be >= 0, got {self.kl_target}")
         require(self.kl_horizon >= 1, f"kl_horizon: must be >= 1, got {self.kl_horizon}")
         require(self.critic_lr > 0, f"critic_lr: must be > 0, got {self.critic_lr}")
+        require_adamw_scale(self.critic_lr, self.weight_decay, "critic_lr")
         require(0 <= self.gamma <= 1, f"gamma: must be in [0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"lam: must be in [0, 1], got {self.lam}")
         require(self.cliprange_value > 0, f"cliprange_value: must be > 0, got {self.cliprange_value}")

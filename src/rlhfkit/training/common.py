@@ -106,6 +106,7 @@ class CommonConfig:
         require(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         require(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        require_adamw_scale(self.lr, self.weight_decay, "lr")
         for name in ("save_every", "log_every"):
             require(getattr(self, name) >= 0, f"{name}: must be >= 0, got {getattr(self, name)}")
         require(self.keep_last >= 1, f"keep_last: must be >= 1, got {self.keep_last}")
@@ -304,6 +305,15 @@ def set_peak_lr(scheduler, lr: float) -> None:
         group["initial_lr"] = lr
         group["lr"] = lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def require_adamw_scale(lr: float, weight_decay: float, name: str) -> None:
+    """AdamW moves each weight by about lr per step and multiplies the decayed ones by 1 - lr x weight_decay: lr >= 1
+    or a factor <= 0 is never meant, and larger values overflow float32 inside the optimizer (a traceback from torch,
+    on the GPU already where the CPU runs on to non-finite weights)."""
+    require(lr < 1, f"{name}: must be < 1 (AdamW moves each weight by about lr at every step), got {lr}")
+    require(lr * weight_decay < 1, f"weight_decay: {name} x weight_decay must be < 1 (AdamW multiplies each decayed "
+                                   f"weight by 1 - {name} x weight_decay at every step), got {lr} x {weight_decay}")
 
 
 def set_weight_decay(optimizer, weight_decay: float) -> None:
