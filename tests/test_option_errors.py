@@ -453,3 +453,20 @@ def test_more_ranks_than_gpus_is_one_line_before_any_rank_starts(paths, capsys, 
     one_line_error(capsys, sft_args(paths, "--nproc", "2", "--strategy", "ddp"),
                    "nproc: 2 ranks on this machine need 2 GPUs, one each, and it has 1; use --nproc 1, or run the "
                    "ranks on the CPU with CUDA_VISIBLE_DEVICES= (empty)")
+
+
+def test_a_rank_started_by_torchrun_without_a_gpu_of_its_own_says_so(monkeypatch):
+    import torch
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.training.distributed import init_world
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device was reached"))
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29999").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"^nproc: 2 ranks on this machine need 2 GPUs, one each, and it has 1; use "
+                                          r"torchrun --nproc-per-node 1, or run the ranks on the CPU"):
+        init_world("ddp", 5)

@@ -96,7 +96,7 @@ def init_world(strategy: str, timeout_s: float) -> World:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            check_gpu_count(local_rank + 1)
+            check_gpu_count(local_rank + 1, "torchrun --nproc-per-node")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -106,15 +106,15 @@ def init_world(strategy: str, timeout_s: float) -> World:
     return world
 
 
-def check_gpu_count(ranks: int) -> None:
+def check_gpu_count(ranks: int, option: str = "--nproc") -> None:
     """Each local rank takes a GPU of its own, so a machine with GPUs needs one per rank (CUDA would otherwise stop
-    with 'invalid device ordinal' in the middle of start-up)."""
+    with 'invalid device ordinal' in the middle of start-up). `option`: what set the number of ranks."""
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         from rlhfkit.config import ConfigError
 
         count = torch.cuda.device_count()
         raise ConfigError(f"nproc: {ranks} ranks on this machine need {ranks} GPUs, one each, and it has {count}; "
-                          f"use --nproc {count}, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES= (empty)")
+                          f"use {option} {count}, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES= (empty)")
 
 
 def launch(command: str, argv: list[str], nproc: int) -> int:
