@@ -34,7 +34,7 @@ class CompareConfig:
     seed: int = option(0, "seed of the sampling (every model draws from the same seed)", group="generation")
     batch_size: int = option(16, "prompts per generate call", group="generation")
     reward_model: str = option("", "reward model that scores every response (optional)", group="model")
-    output: str = option("", "also write every prompt, response, stop flag and score to this JSON file",
+    output: str = option("", "also write every prompt, response, its token ids, stop flag and score to this JSON file",
                          group="general")
 
     def check(self) -> None:
