@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 
-def build(data: str, work: Path) -> tuple[list, object, Path, int]:
+def build(data: str, work: Path, demo_pairs: int = 8000) -> tuple[list, object, Path, int]:
     """(encoded pairs, tokenizer, model folder, pairs per batch)."""
     from rlhfkit.data.encode import EncodeStats, encode_pairs
     from rlhfkit.data.loading import load_examples
@@ -46,7 +46,7 @@ def build(data: str, work: Path) -> tuple[list, object, Path, int]:
         from rlhfkit.demo.run import MODEL
         from rlhfkit.demo.task import make_task
 
-        files = make_task(work / "data", 0, n_pairs=8000)
+        files = make_task(work / "data", 0, n_pairs=demo_pairs)
         texts = [json.loads(line).get("text", line) for f in ("corpus", "sft", "pairs")
                  for line in files[f].read_text().splitlines()]
         sizes, vocab, batch, max_len, pairs_file = MODEL["full"], 600, 32, 96, files["pairs"]
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=30, help="steps of each layout (the first two not counted)")
     parser.add_argument("--out", default="runs/bench-pair-rows")
+    parser.add_argument("--demo-pairs", type=int, default=8000, help="with --data demo: pairs made (the demo's 8,000)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,7 +74,7 @@ def main() -> None:
     from rlhfkit.models import autocast, load_causal_lm, load_sequence_classifier
     from rlhfkit.rm.scoring import batch_scores
 
-    pairs, tokenizer, model_dir, B = build(args.data, Path(args.out) / args.data)
+    pairs, tokenizer, model_dir, B = build(args.data, Path(args.out) / args.data, args.demo_pairs)
     pad = tokenizer.pad_token_id
     classifier = load_sequence_classifier(str(model_dir), tokenizer).train()
     policy = load_causal_lm(str(model_dir), tokenizer).train()
