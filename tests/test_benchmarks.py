@@ -169,8 +169,8 @@ def test_bf16_width_benchmark_runs():
 
 
 def test_pair_rows_benchmark_runs(tmp_path, monkeypatch, capsys):
-    printed = run_script(BENCH.parent / "pair_rows.py", ["--data", "demo", "--steps", "3", "--threads", "1",
-                                                         "--demo-pairs", "400", "--out", str(tmp_path)], monkeypatch, capsys)
+    args = ["--data", "demo", "--steps", "3", "--threads", "1", "--demo-pairs", "400", "--out", str(tmp_path)]
+    printed = run_script(BENCH.parent / "pair_rows.py", args, monkeypatch, capsys)
     assert "| rm |" in printed and "| dpo |" in printed
     share = float(printed.split("padded tokens of the rows / apart: ")[1].split()[0])
     assert 0.5 < share < 0.8  # the demo's prompts are about a third of a pair's tokens

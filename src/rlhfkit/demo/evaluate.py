@@ -223,9 +223,10 @@ def kl_to_sft(model_dir: Path, sft_dir: Path, prompts: list, responses: list[dic
         for row, i in enumerate(part):
             resp[row, :len(response_ids[i])] = torch.tensor(response_ids[i], dtype=torch.long)
             mask[row, :len(response_ids[i])] = 1
-        full, full_attn = torch.cat([ids, resp], 1).to(device), torch.cat([attn, mask], 1).to(device)
+        ids, attn, resp, mask = (t.to(device) for t in (ids, attn, resp, mask))
+        full, full_attn = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
         policy, sft = (response_logprobs(m, full, full_attn, ids.shape[1], 1.0)[0] for m in models)
-        total += ((policy - sft) * mask.to(device)).sum().item()
+        total += ((policy - sft) * mask).sum().item()
     return total / len(prompts)
 
 
@@ -234,6 +235,7 @@ def corpus_loss(model_dir: Path, corpus: Path) -> float:
     tokenizer = load_tokenizer(str(model_dir))
     rows = load_examples([str(corpus)], "text").examples[:500]
     encoded = [e for e in (encode_conversation(c, tokenizer, "human-assistant", 96, EncodeStats()) for c in rows) if e]
-    return evaluate(load_causal_lm(str(model_dir), tokenizer).to(default_device()), encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
+    model = load_causal_lm(str(model_dir), tokenizer).to(default_device())
+    return evaluate(model, encoded, tokenizer.pad_token_id, 32, "float32")["loss"]
 
 
