@@ -157,14 +157,12 @@ def test_gpu_check_runs_tiny_on_a_cpu(tmp_path, monkeypatch, capsys):
     assert set(result["stages"][3]["phases"]) == {"generate", "score", "experience", "train"}
 
 
-def test_bf16_width_benchmark_runs():
+def test_bf16_width_benchmark_runs(monkeypatch, capsys):
     """The measurement behind `--dtype auto`'s width rule runs (hidden 32, one step; the bf16 side is emulated where
     the CPU lacks bf16 instructions, so it is only run, not timed, here)."""
-    script = BENCH.parent / "bf16_width.py"
-    done = subprocess.run([sys.executable, str(script), "--hidden", "32", "--repeats", "1", "--steps", "1",
-                           "--batch", "2", "--length", "8"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
+    printed = run_script(BENCH.parent / "bf16_width.py", ["--hidden", "32", "--repeats", "1", "--steps", "1", "--batch",
+                                                          "2", "--length", "8"], monkeypatch, capsys)
+    lines = printed.strip().splitlines()
     assert lines[0].startswith("hidden |") and lines[1].startswith("32 | ") and lines[1].endswith("x")
 
 

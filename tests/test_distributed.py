@@ -114,23 +114,23 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 @pytest.fixture(scope="module")
 def runs(tiny_models, data, tmp_path_factory) -> dict[str, Path]:
-    """{name: output}: one process and 2-rank DDP and FSDP runs of both stages, started together (they are
-    independent) and awaited. The FSDP SFT run also checkpoints at step 5, for the 2 -> 1 resume."""
+    """{name: output}: one-process and 2-rank runs of SFT (DDP and FSDP), the reward model and DPO (FSDP, DPO also
+    with LoRA), two 2-rank runs at a time. The FSDP SFT run also checkpoints at step 5, for the 2 -> 1 resume."""
     root = tmp_path_factory.mktemp("dist-runs")
     plans = {}
     for stage in ("sft", "rm", "dpo", "dpo-lora"):
-        strategies = ("fsdp",) if stage.startswith("dpo") else ("ddp", "fsdp")  # DPO's DDP path is SFT's and RM's
+        strategies = ("ddp", "fsdp") if stage == "sft" else ("fsdp",)  # DDP wraps the RM's and DPO's models as SFT's
         plans[f"{stage}-single"] = stage_args(stage, tiny_models["llama"], data, root / f"{stage}-single")
         for strategy in strategies:
             extra = dict(save_every=5) if (stage, strategy) == ("sft", "fsdp") else {}
             plans[f"{stage}-{strategy}"] = stage_args(stage, tiny_models["llama"], data, root / f"{stage}-{strategy}",
                                                       strategy=strategy, nproc=2, keep_last=5, **extra)
-    outputs = run_plans(plans, [["sft-ddp", "rm-ddp"], ["sft-fsdp", "rm-fsdp"], ["dpo-fsdp", "dpo-lora-fsdp"]])
+    outputs = run_plans(plans, [["sft-ddp", "sft-fsdp"], ["rm-fsdp", "dpo-fsdp"], ["dpo-lora-fsdp"]])
     return {name: root / name for name in plans} | {"log:" + k: v for k, v in outputs.items()}
 
 
-@pytest.mark.parametrize("stage, strategy", [("sft", "ddp"), ("sft", "fsdp"), ("rm", "ddp"), ("rm", "fsdp"),
-                                             ("dpo", "fsdp"), ("dpo-lora", "fsdp")])
+@pytest.mark.parametrize("stage, strategy", [("sft", "ddp"), ("sft", "fsdp"), ("rm", "fsdp"), ("dpo", "fsdp"),
+                                             ("dpo-lora", "fsdp")])
 def test_two_ranks_match_one_process_on_the_same_global_batch(runs, stage, strategy):
     single, two = runs[f"{stage}-single"], runs[f"{stage}-{strategy}"]
     assert len(losses(two)) == STEPS
@@ -311,9 +311,9 @@ def by_position(prompts, responses):
 
 @pytest.fixture(scope="module")
 def grpo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """{name: output} of 3-iteration GRPO runs (8 prompts x G 4) on one process and on 2 ranks: full model with the
-    reference, PTX and REINFORCE++-baseline (whitened over the global batch) under DDP and FSDP; LoRA (the reference
-    is the adapter-disabled actor) with grpo under FSDP."""
+    """{name: output} of 3-iteration GRPO runs (8 prompts x G 4) on one process and on 2 ranks under FSDP: full model
+    with the reference, PTX and REINFORCE++-baseline (whitened over the global batch); LoRA (the reference is the
+    adapter-disabled actor) with grpo. (DDP wraps the policy as PPO's, tested above.)"""
     root = tmp_path_factory.mktemp("dist-grpo")
     (root / "reward.py").write_text(GRPO_REWARD)
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"\n\nHuman: What color is item {k}?" +
@@ -331,14 +331,13 @@ def grpo_runs(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
     lora = dict(lora_r=4, lora_merge="false", estimator="grpo")
     plans = {"single": args("single"), "single-lora": args("single-lora", **lora),
-             "ddp": args("ddp", strategy="ddp", nproc=2),
              "fsdp": args("fsdp", strategy="fsdp", nproc=2),
              "fsdp-lora": args("fsdp-lora", strategy="fsdp", nproc=2, **lora)}
-    run_plans(plans, [["ddp"], ["fsdp", "fsdp-lora"]])
+    run_plans(plans, [["fsdp", "fsdp-lora"]])
     return {name: root / name for name in plans}
 
 
-@pytest.mark.parametrize("single, two", [("single", "ddp"), ("single", "fsdp"), ("single-lora", "fsdp-lora")])
+@pytest.mark.parametrize("single, two", [("single", "fsdp"), ("single-lora", "fsdp-lora")])
 def test_grpo_on_two_ranks_matches_one_process(grpo_runs, single, two):
     one, both = ppo_records(grpo_runs[single]), ppo_records(grpo_runs[two])
     assert len(one) == len(both) == PPO_STEPS

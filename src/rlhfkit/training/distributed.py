@@ -12,6 +12,7 @@ independent of the number of ranks:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -118,16 +119,29 @@ def check_gpu_count(ranks: int, option: str = "--nproc") -> None:
 
 
 def launch(command: str, argv: list[str], nproc: int) -> int:
-    """`rlhfkit COMMAND ARGV` on `nproc` ranks of this machine, started by torchrun; returns its exit code (non-zero
-    when any rank failed: torchrun stops the others)."""
-    import subprocess
+    """`rlhfkit COMMAND ARGV` on `nproc` ranks of this machine, started by torchrun's agent in this process; returns
+    0, or 1 when a rank failed (the agent stops the others and its table names the rank and exit code), or 128 + the
+    signal that stopped this process.
+
+    In this process, not `python -m torch.distributed.run`: that would be one more interpreter importing torch (~3 s
+    of CPU per launch), on the cores the ranks start on."""
     import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
     # The ranks run under torchrun already; torchrun would also misread --nproc as its own --nproc-per-node.
     argv = [a for i, a in enumerate(argv) if not a.startswith("--nproc=") and a != "--nproc"
             and (i == 0 or argv[i - 1] != "--nproc")]
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv])
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv]))
+    except ChildFailedError as failed:
+        print(failed, file=sys.stderr, flush=True)
+        return 1
+    except SignalException as stop:
+        return 128 + int(stop.sigval)
+    return 0
 
 
 def close_world() -> None:
@@ -181,10 +195,12 @@ def wrap_model(model: torch.nn.Module, world: World, *, dtype: str = "float32", 
     if world.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # No buffer broadcast: a causal LM's buffers (rotary tables) are constants, and a broadcast in every forward
-        # would make forward-only passes collective.
+        # No buffer broadcast in each forward: a causal LM's buffers (rotary tables) are constants, and a broadcast
+        # would make forward-only passes collective. torch 2.13 renamed the option (and warns at the old name).
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel)
+                   .parameters else "broadcast_buffers")
         return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       **{no_sync: False})
     if world.strategy == "fsdp":
         _fully_shard(model, dtype, cpu_offload)
     return model
