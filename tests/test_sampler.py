@@ -228,6 +228,20 @@ def test_warp_and_draw_sample_the_warped_distribution():
     assert chi2 < 30.0  # 99.9% quantile of chi-square with <= 7 degrees of freedom is 24.3
 
 
+def test_exponential_draws_are_the_kernels_values_and_stream(monkeypatch):
+    """The draws `draw` divides by are those of `exponential_`, to the bit, and the generator is where the kernel
+    leaves it; with the check failing, the kernel itself draws them."""
+    for uniform_gives_exponential in (True, False):
+        monkeypatch.setattr(sampler_module, "_uniform_gives_exponential", lambda: uniform_gives_exponential)
+        torch.manual_seed(3)
+        kernel, after_kernel = torch.empty(7, 3001).exponential_(1), torch.rand(4)
+        torch.manual_seed(3)
+        ours, after_ours = sampler_module.exponential((7, 3001), torch.device("cpu")), torch.rand(4)
+        assert ours.dtype == torch.float32 and torch.equal(ours, kernel) and torch.equal(after_ours, after_kernel)
+    monkeypatch.undo()
+    assert sampler_module._uniform_gives_exponential()  # torch 2.13's CPU kernel: the fast path is taken
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_gives_generates_tokens(arch, tokenizer, monkeypatch):
     """Under bf16 autocast the cache holds bf16 keys and values (what attention casts them to anyway): the tokens
