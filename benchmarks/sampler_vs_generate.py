@@ -30,17 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo_vs_trl import CONFIGS, build, matmul_rate  # noqa: E402  (the same models and prompts)
 
 
-def load(work: Path, eos_bias: float | None):
+def load(work: Path, eos_bias: float | None, vocab: int | None = None):
+    """The actor with an EOS bias in its head; with `vocab`, its embeddings and head widened to that many tokens, the
+    added ones never sampled (logit -inf) but paid for, as a real tokenizer's are, by every draw over the vocabulary."""
     from rlhfkit.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(work / "actor"))
     model = load_causal_lm(str(work / "actor"), tokenizer).eval()
+    if vocab:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
     head = model.get_output_embeddings()
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
         biased.weight.copy_(head.weight)
         biased.bias.zero_()
         biased.bias[tokenizer.eos_token_id] = float("-inf") if eos_bias is None else eos_bias
+        biased.bias[len(tokenizer):] = float("-inf")
     model.set_output_embeddings(biased)
     return model, tokenizer
 
@@ -147,6 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--group", type=int, default=1, help="samples per prompt (GRPO's G): each call samples G "
                         "responses to each of prompts / G prompts (generate: num_return_sequences)")
+    parser.add_argument("--vocab", type=int, help="widen the model's vocabulary to this many tokens (a real "
+                        "tokenizer's size: 32000, 151936); the tokens added are never sampled")
     parser.add_argument("--eos-bias", type=float, default=2.5, help="EOS logit bias of the 'early' regime")
     parser.add_argument("--profile", action="store_true", help="also split one decoding step by operator")
     parser.add_argument("--matmul-size", type=int, default=1024, help="n of the n x n x n product timed for the rate")
@@ -158,6 +165,7 @@ def main() -> None:
     work = Path(args.out) / args.config
     batches, lengths = [int(b) for b in args.batches.split(",")], [int(n) for n in args.lengths.split(",")]
     facts = build(work, {**cfg, "prompts": max(batches)}, 0)
+    facts["vocab"] = max(facts["vocab"], args.vocab or 0)
     prompt_ids = json.loads((work / "prompt_ids.json").read_text())
     rate = matmul_rate(dtype, args.threads, args.matmul_size)
     import transformers
@@ -170,7 +178,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for regime, bias in (("full", None), ("early", args.eos_bias)):
-        model, tokenizer = load(work, bias)
+        model, tokenizer = load(work, bias, args.vocab)
         for batch in batches:
             for new_tokens in lengths:
                 prompts = max(1, batch // args.group)
@@ -186,7 +194,7 @@ def main() -> None:
                       f"{m['forward_s'] / m['sampler_s']:.0%} |", flush=True)
     (work / f"sampler-{args.dtype}.json").write_text(json.dumps({"rate": rate, "results": results}, indent=2))
     if args.profile:
-        model, tokenizer = load(work, None)
+        model, tokenizer = load(work, None, args.vocab)
         batch, new_tokens = max(batches), max(lengths)
         print(f"\none decoding step of the sampler ({batch} rows, {new_tokens} new tokens), self time by operator:")
         for name, ms in step_profile(model, tokenizer, prompt_ids[:batch], new_tokens, dtype)[:12]:

@@ -76,9 +76,11 @@ def test_sampler_benchmark_smoke_run(tmp_path, monkeypatch, capsys):
     assert [(r["regime"], r["batch"]) for r in results] == [("full", 1), ("full", 3), ("early", 1), ("early", 3)]
     assert all(r["sampler_s"] > 0 and r["generate_s"] > 0 for r in results)
     # G samples per prompt: 2 prompts x 2 samples per call, still generate's tokens.
+    # ... and with the vocabulary widened (the added tokens are drawn over, never sampled).
     printed = run_script(bench, ["--config", "tiny", "--batches", "4", "--lengths", "4", "--group", "2", "--repeats",
-                                 "1", "--matmul-size", "64", "--threads", "1", "--out", str(tmp_path)], monkeypatch,
-                         capsys)
+                                 "1", "--matmul-size", "64", "--threads", "1", "--vocab", "1000", "--out",
+                                 str(tmp_path)], monkeypatch, capsys)
+    assert "vocab 1000;" in printed
     rows = [line for line in printed.splitlines() if line.startswith(("| full", "| early"))]
     assert len(rows) == 2 and all("| True |" in row for row in rows)
 

@@ -200,7 +200,8 @@ def draw(scores: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     every row of the batch as it started (`rows` are the batch rows still decoding) keeps the random stream, and so
     every sample, what it is in `generate`, which decodes finished rows to the end."""
     probs = scores.softmax(-1)
-    return (probs / exponential((n_rows, scores.shape[-1]), probs.device)[rows]).argmax(-1)
+    q = exponential((n_rows, scores.shape[-1]), probs.device)
+    return (probs / (q if len(rows) == n_rows else q[rows])).argmax(-1)
 
 
 def exponential(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -212,7 +213,12 @@ def exponential(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     time. Used where a check on a generator of its own finds them equal to the bit (else the kernel itself)."""
     if device.type != "cpu" or not _uniform_gives_exponential():
         return torch.empty(shape, device=device).exponential_(1)
-    return torch.empty(shape, dtype=torch.float64).uniform_().neg_().log1p_().neg_().float()
+    return _exponential_of(torch.empty(shape, dtype=torch.float64).uniform_())
+
+
+def _exponential_of(uniform: torch.Tensor) -> torch.Tensor:
+    """-log1p(-u) in float32 (in place on u); negating is exact, so the last negation waits for the 4-byte values."""
+    return uniform.neg_().log1p_().float().neg_()
 
 
 @functools.cache
@@ -220,7 +226,7 @@ def _uniform_gives_exponential() -> bool:
     generator = torch.Generator().manual_seed(20261128)
     kernel = torch.empty(4096).exponential_(1, generator=generator)
     generator.manual_seed(20261128)
-    ours = torch.empty(4096, dtype=torch.float64).uniform_(generator=generator).neg_().log1p_().neg_().float()
+    ours = _exponential_of(torch.empty(4096, dtype=torch.float64).uniform_(generator=generator))
     return torch.equal(kernel, ours)
 
 
