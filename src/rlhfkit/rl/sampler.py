@@ -273,7 +273,8 @@ def sample(model, drive: Driver, prompt_ids: torch.Tensor, prompt_mask: torch.Te
         live = rows[decoding_rows]
         ids[live, P + t] = token[decoding_rows]
         if logprobs is not None:
-            chosen = (logits / sampling.temperature).log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+            scaled = logits / sampling.temperature if sampling.temperature != 1.0 else logits  # x / 1 is x
+            chosen = scaled.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
             logprobs[live, t] = chosen[decoding_rows]
 
         # 3. Rows that reached a stop token or stop string stop sampling.
