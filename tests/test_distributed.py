@@ -210,6 +210,20 @@ def test_a_dead_rank_takes_the_job_down(tiny_models, data, tmp_path):
     assert "exitcode  : -9" in output or "Signal 9" in output, output[-2000:]
 
 
+def test_a_mistake_in_the_data_is_the_ranks_one_line_error_and_exit_2(tiny_models, data, tmp_path):
+    """A bad row stops every rank with its one-line error (exit 2), and the launcher adds one line, not torchrun's
+    failure table or a traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data["sft"].read_text().splitlines()[0] + "\n" + '{"prompt": 5\n')
+    args = stage_args("sft", tiny_models["llama"], dict(data, sft=bad), tmp_path / "out", strategy="ddp", nproc=2)
+    process = rlhfkit(args)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output[-2000:]
+    assert f"rlhfkit sft: error: {bad}:2: malformed JSON" in output
+    assert output.strip().splitlines()[-1] == "rlhfkit sft: error: sft: the 2 ranks stopped on the error above"
+    assert "Traceback" not in output and "Root Cause" not in output
+
+
 # ------------------------------------------------------------------------------------------------------------- PPO
 PPO_STEPS = 3
 

@@ -156,6 +156,8 @@ def _launch(command: str, config: Any, argv: list[str] | None) -> Run:
             write_config(config, Path(tmp) / "config.yaml")
             argv = ["--config", str(Path(tmp) / "config.yaml")]
         code = launch(command, argv, config.nproc)
+    if code == 2:
+        raise ConfigError(f"{command}: the {config.nproc} ranks stopped on the error above")
     if code:
         raise TrainingError(f"{command}: the {config.nproc} ranks stopped with exit code {code} (their log says why)")
     return collect(config, None)

@@ -120,8 +120,9 @@ def check_gpu_count(ranks: int, option: str = "--nproc") -> None:
 
 def launch(command: str, argv: list[str], nproc: int) -> int:
     """`rlhfkit COMMAND ARGV` on `nproc` ranks of this machine, started by torchrun's agent in this process; returns
-    0, or 1 when a rank failed (the agent stops the others and its table names the rank and exit code), or 128 + the
-    signal that stopped this process.
+    0; 2 when the ranks stopped on a mistake in the config or data (exit code 2: each printed its one-line error, as
+    one process does); 1 when a rank failed otherwise (the agent stops the others; its table, printed here, names the
+    rank and exit code); or 128 + the signal that stopped this process.
 
     In this process, not `python -m torch.distributed.run`: that would be one more interpreter importing torch (~3 s
     of CPU per launch), on the cores the ranks start on."""
@@ -134,13 +135,20 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
     # The ranks run under torchrun already; torchrun would also misread --nproc as its own --nproc-per-node.
     argv = [a for i, a in enumerate(argv) if not a.startswith("--nproc=") and a != "--nproc"
             and (i == 0 or argv[i - 1] != "--nproc")]
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)  # its "failed (exitcode: N)" line: the table below says it all
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv]))
     except ChildFailedError as failed:
+        if {failure.exitcode for failure in failed.failures.values()} == {2}:
+            return 2
         print(failed, file=sys.stderr, flush=True)
         return 1
     except SignalException as stop:
         return 128 + int(stop.sigval)
+    finally:
+        agent_log.setLevel(level)
     return 0
 
 
