@@ -210,18 +210,22 @@ def test_a_dead_rank_takes_the_job_down(tiny_models, data, tmp_path):
     assert "exitcode  : -9" in output or "Signal 9" in output, output[-2000:]
 
 
-def test_a_mistake_in_the_data_is_the_ranks_one_line_error_and_exit_2(tiny_models, data, tmp_path):
-    """A bad row stops every rank with its one-line error (exit 2), and the launcher adds one line, not torchrun's
-    failure table or a traceback."""
+def test_a_mistake_in_the_data_stops_the_ranks_with_their_one_line_error(tiny_models, data, tmp_path, capfd):
+    """A bad row stops every rank with its one-line error (exit 2, so `rlhfkit` exits 2), and the launcher raises a
+    ConfigError, not a traceback or torchrun's failure table; torchrun's agent, run in this process, leaves the
+    signal handlers as they were."""
+    import rlhfkit
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data["sft"].read_text().splitlines()[0] + "\n" + '{"prompt": 5\n')
-    args = stage_args("sft", tiny_models["llama"], dict(data, sft=bad), tmp_path / "out", strategy="ddp", nproc=2)
-    process = rlhfkit(args)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 2, output[-2000:]
-    assert f"rlhfkit sft: error: {bad}:2: malformed JSON" in output
-    assert output.strip().splitlines()[-1] == "rlhfkit sft: error: sft: the 2 ranks stopped on the error above"
-    assert "Traceback" not in output and "Root Cause" not in output
+    with pytest.raises(rlhfkit.ConfigError, match=r"^sft: the 2 ranks stopped on the error above$"):
+        rlhfkit.sft(model=str(tiny_models["llama"]), data=str(bad), output=str(tmp_path / "out"), strategy="ddp",
+                    nproc=2, batch_size=8, max_steps=2)
+    printed = capfd.readouterr()
+    assert f"rlhfkit sft: error: {bad}:2: malformed JSON" in printed.err
+    assert "Traceback" not in printed.err + printed.out and "Root Cause" not in printed.err + printed.out
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 # ------------------------------------------------------------------------------------------------------------- PPO

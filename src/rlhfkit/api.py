@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import types
@@ -158,6 +159,9 @@ def _launch(command: str, config: Any, argv: list[str] | None) -> Run:
         code = launch(command, argv, config.nproc)
     if code == 2:
         raise ConfigError(f"{command}: the {config.nproc} ranks stopped on the error above")
+    if code > 128:  # this process was signalled; torchrun's agent stopped the ranks
+        raise TrainingError(f"{command}: stopped by {signal.Signals(code - 128).name}; --resume continues from the "
+                            "last checkpoint")
     if code:
         raise TrainingError(f"{command}: the {config.nproc} ranks stopped with exit code {code} (their log says why)")
     return collect(config, None)

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -138,6 +139,8 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)  # its "failed (exitcode: N)" line: the table below says it all
+    # The agent turns these signals into SignalException (and stops the ranks) and leaves its handlers installed.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv]))
     except ChildFailedError as failed:
@@ -146,9 +149,13 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
         print(failed, file=sys.stderr, flush=True)
         return 1
     except SignalException as stop:
+        if stop.sigval == signal.SIGINT:  # Ctrl-C: as in one process (rlhfkit says --resume continues)
+            raise KeyboardInterrupt from None
         return 128 + int(stop.sigval)
     finally:
         agent_log.setLevel(level)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
