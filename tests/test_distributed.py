@@ -217,6 +217,7 @@ def test_a_mistake_in_the_data_stops_the_ranks_with_their_one_line_error(tiny_mo
     import rlhfkit
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    threads = os.environ.get("OMP_NUM_THREADS")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data["sft"].read_text().splitlines()[0] + "\n" + '{"prompt": 5\n')
     with pytest.raises(rlhfkit.ConfigError, match=r"^sft: the 2 ranks stopped on the error above$"):
@@ -226,6 +227,8 @@ def test_a_mistake_in_the_data_stops_the_ranks_with_their_one_line_error(tiny_mo
     assert f"rlhfkit sft: error: {bad}:2: malformed JSON" in printed.err
     assert "Traceback" not in printed.err + printed.out and "Root Cause" not in printed.err + printed.out
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    # Each rank's threads are its share of the cores (torchrun would give it 1 and warn), set for the ranks only.
+    assert "Setting OMP_NUM_THREADS" not in printed.err and os.environ.get("OMP_NUM_THREADS") == threads
 
 
 # ------------------------------------------------------------------------------------------------------------- PPO

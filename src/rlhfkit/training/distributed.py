@@ -125,8 +125,8 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
     one process does); 1 when a rank failed otherwise (the agent stops the others; its table, printed here, names the
     rank and exit code); or 128 + the signal that stopped this process.
 
-    In this process, not `python -m torch.distributed.run`: that would be one more interpreter importing torch (~3 s
-    of CPU per launch), on the cores the ranks start on."""
+    In this process, not `python -m torch.distributed.run`: that would be one more interpreter importing torch, on
+    the cores the ranks start on."""
     import sys
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -136,6 +136,10 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
     # The ranks run under torchrun already; torchrun would also misread --nproc as its own --nproc-per-node.
     argv = [a for i, a in enumerate(argv) if not a.startswith("--nproc=") and a != "--nproc"
             and (i == 0 or argv[i - 1] != "--nproc")]
+    # torchrun gives each rank 1 thread unless told (and says so in a warning); the ranks share this machine's cores.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = threads or str(max(1, cores // nproc))
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)  # its "failed (exitcode: N)" line: the table below says it all
@@ -153,6 +157,8 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
             raise KeyboardInterrupt from None
         return 128 + int(stop.sigval)
     finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
         agent_log.setLevel(level)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
