@@ -136,17 +136,9 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
     # The ranks run under torchrun already; torchrun would also misread --nproc as its own --nproc-per-node.
     argv = [a for i, a in enumerate(argv) if not a.startswith("--nproc=") and a != "--nproc"
             and (i == 0 or argv[i - 1] != "--nproc")]
-    # torchrun gives each rank 1 thread unless told (and says so in a warning); the ranks share this machine's cores.
-    threads = os.environ.get("OMP_NUM_THREADS")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = threads or str(max(1, cores // nproc))
-    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    level = agent_log.level
-    agent_log.setLevel(logging.CRITICAL)  # its "failed (exitcode: N)" line: the table below says it all
-    # The agent turns these signals into SignalException (and stops the ranks) and leaves its handlers installed.
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv]))
+        with _agent_here(nproc):
+            run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rlhfkit", command, *argv]))
     except ChildFailedError as failed:
         if {failure.exitcode for failure in failed.failures.values()} == {2}:
             return 2
@@ -156,13 +148,29 @@ def launch(command: str, argv: list[str], nproc: int) -> int:
         if stop.sigval == signal.SIGINT:  # Ctrl-C: as in one process (rlhfkit says --resume continues)
             raise KeyboardInterrupt from None
         return 128 + int(stop.sigval)
+    return 0
+
+
+@contextlib.contextmanager
+def _agent_here(nproc: int):
+    """torchrun's agent in this process, leaving it as it was: the ranks' thread count in the environment (torchrun
+    gives each rank 1 unless told, and warns; they share this machine's cores), the agent's log line on a failed rank
+    silenced (its table says it all), and the signal handlers it installs (and never removes) put back."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = threads or str(max(1, cores // nproc))
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        yield
     finally:
         if threads is None:
             del os.environ["OMP_NUM_THREADS"]
         agent_log.setLevel(level)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return 0
 
 
 def close_world() -> None:
